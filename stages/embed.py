@@ -1,0 +1,39 @@
+"""Stage `embed`: ResNet18 (no last layer) → data/features/embeddings.parquet (512-d float32)."""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triage.embed import Embedder, write_embeddings  # noqa: E402
+from triage.io import open_live, read_parquet, run_stage  # noqa: E402
+from triage.params import load_params  # noqa: E402
+
+CLEAN = Path("data/qc/manifest_clean.parquet")
+OUT = Path("data/features/embeddings.parquet")
+
+
+def main() -> None:
+    e = load_params()["embed"]
+    rows = read_parquet(CLEAN, "clean manifest")
+    embedder = Embedder(e["weights"], seed=e["seed"], weights_sha256=e["weights_sha256"] or None,
+                        image_size=e["image_size"], batch_size=e["batch_size"],
+                        num_workers=e["num_workers"], device=e["device"],
+                        precision=e["precision"]).fit()
+    start = time.perf_counter()
+    n = write_embeddings(embedder, rows, OUT)
+    seconds = time.perf_counter() - start
+    fp = embedder.fingerprint_
+    with open_live("embed") as live:
+        live.log_metric("n_images", n, plot=False)
+        live.log_metric("seconds", round(seconds, 2), plot=False)
+        live.log_metric("throughput_img_s", round(n / max(seconds, 1e-9), 1), plot=False)
+        for key in ("weights", "weights_sha256", "image_size", "precision", "fingerprint"):
+            live.log_param(key, fp.get(key))
+        live.log_param("device", embedder.device_)
+    print(f"embed: {n} images, {n / max(seconds, 1e-9):.1f} img/s on {embedder.device_} "
+          f"({fp['weights']}, {fp['precision']})")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,75 @@
+"""Stage `evaluate`: both models on the held-out test set, with CIs, deltas and plots."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import math  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from triage.embed import read_embeddings  # noqa: E402
+from triage.errors import PipelineError  # noqa: E402
+from triage.io import open_live, run_stage, write_parquet  # noqa: E402
+from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
+from triage.models import load_model, positive_proba  # noqa: E402
+from triage.params import load_params  # noqa: E402
+
+EMBEDDINGS = Path("data/features/embeddings.parquet")
+MODELS = Path("data/models")
+PREDICTIONS = Path("data/evaluate/test_predictions.parquet")
+MODEL_NAMES = ("baseline", "semi_supervised")
+
+
+def log_all(live, prefix: str, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            live.log_metric(f"{prefix}/{key}", round(float(value), 6) if isinstance(value, float)
+                            else value, plot=False)
+
+
+def main() -> None:
+    params = load_params()
+    ev, positive = params["evaluate"], params["data"]["positive_class"]
+    rows, X, fp = read_embeddings(EMBEDDINGS)
+    test = (rows["split"] == "test").to_numpy()
+    if test.sum() == 0:
+        raise PipelineError("no test images passed QC: nothing to evaluate")
+    y = (rows.loc[test, "label"] == positive).astype(int).to_numpy()
+    if y.min() == y.max():
+        raise PipelineError("the test set holds a single class: ROC-AUC is undefined")
+    kw = dict(n_bootstrap=ev["n_bootstrap"], level=ev["ci_level"], seed=ev["seed"],
+              n_bins=ev["calibration_bins"])
+    probs, thresholds, preds = {}, {}, []
+    with open_live("evaluate") as live:
+        for name in MODEL_NAMES:
+            bundle = load_model(MODELS / f"{name}.skops")
+            if bundle["embedding_fingerprint"] != fp.get("fingerprint", ""):
+                raise PipelineError(f"model {name} was trained on embedding "
+                                    f"{bundle['embedding_fingerprint']}, test vectors are "
+                                    f"{fp.get('fingerprint')}: run `dvc repro`")
+            p = positive_proba(bundle["model"], X[test], positive)
+            probs[name], thresholds[name] = p, bundle["threshold"]
+            log_all(live, name, evaluate_scores(y, p, bundle["threshold"], **kw))
+            decision = (p >= bundle["threshold"]).astype(int)
+            live.log_sklearn_plot("roc", y, p, name=f"roc/{name}.json")
+            live.log_sklearn_plot("precision_recall", y, p, name=f"precision_recall/{name}.json")
+            live.log_sklearn_plot("confusion_matrix", y, decision, name=f"confusion/{name}.json")
+            live.log_sklearn_plot("calibration", y, p, name=f"calibration/{name}.json",
+                                  n_bins=ev["calibration_bins"])
+            preds.append(pd.DataFrame({"id": rows.loc[test, "id"].to_numpy(), "model": name,
+                                       "label": rows.loc[test, "label"].to_numpy(),
+                                       "proba": p, "flagged": decision.astype(bool)}))
+        delta = paired_delta(y, probs["baseline"], probs["semi_supervised"],
+                             thresholds["baseline"], thresholds["semi_supervised"], **kw)
+        log_all(live, "delta", delta)
+        live.log_metric("n_test", int(test.sum()), plot=False)
+    write_parquet(pd.concat(preds, ignore_index=True), PREDICTIONS)
+    b, s = probs["baseline"], probs["semi_supervised"]
+    print(f"evaluate: n_test={int(test.sum())} ROC-AUC baseline "
+          f"{evaluate_scores(y, b, thresholds['baseline'], n_bootstrap=0)['roc_auc']:.3f} → "
+          f"semi-supervised {evaluate_scores(y, s, thresholds['semi_supervised'], n_bootstrap=0)['roc_auc']:.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,33 @@
+"""Stage `prepare`: scan the input folder layout into data/prepared/manifest.parquet."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triage.io import open_live, run_stage, write_parquet  # noqa: E402
+from triage.params import load_params  # noqa: E402
+from triage.prepare import MANIFEST_SCHEMA, build_manifest  # noqa: E402
+
+OUT = Path("data/prepared/manifest.parquet")
+DEMO_ROOT = "data/demo/raw"
+
+
+def main() -> None:
+    data = load_params()["data"]
+    root = DEMO_ROOT if data["source"] == "demo" else data["root"]
+    manifest, info = build_manifest(root, data["positive_class"], data["test_fraction"], data["seed"])
+    write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA)
+    with open_live("prepare") as live:
+        live.log_metric("n_files", len(manifest), plot=False)
+        for split in ("labeled", "unlabeled", "test"):
+            live.log_metric(f"n/{split}", int((manifest["split"] == split).sum()), plot=False)
+        for cls in info["classes"]:
+            live.log_metric(f"n_labeled/{cls}", int(((manifest["split"] == "labeled")
+                                                     & (manifest["label"] == cls)).sum()), plot=False)
+        live.log_metric("n_unreadable", int(manifest["read_error"].notna().sum()), plot=False)
+        live.log_metric("n_hidden_ignored", info["n_hidden_ignored"], plot=False)
+        live.log_param("test_source", info["test_source"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

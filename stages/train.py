@@ -1,0 +1,76 @@
+"""Stage `train`: labelled-only baseline and labelled + pseudo-labelled model, with thresholds.
+
+Each model's operating threshold is set on out-of-fold scores of the labelled set to reach
+evaluate.target_sensitivity, so the test set never influences it.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from triage.embed import read_embeddings  # noqa: E402
+from triage.io import open_live, read_parquet, run_stage, write_parquet  # noqa: E402
+from triage.metrics import point_metrics, threshold_for_sensitivity  # noqa: E402
+from triage.models import (fit_semi_supervised, fit_weighted, make_classifier,  # noqa: E402
+                           out_of_fold_proba, pseudo_weights, save_model)
+from triage.params import load_params  # noqa: E402
+
+EMBEDDINGS = Path("data/features/embeddings.parquet")
+PSEUDO = Path("data/pseudo/pseudo_labels.parquet")
+MODELS = Path("data/models")
+
+
+def main() -> None:
+    params = load_params()
+    t, positive = params["train"], params["data"]["positive_class"]
+    target = params["evaluate"]["target_sensitivity"]
+    rows, X, fp = read_embeddings(EMBEDDINGS)
+    lab = (rows["split"] == "labeled").to_numpy()
+    X_lab, y_lab = X[lab], rows.loc[lab, "label"].to_numpy()
+    pseudo = read_parquet(PSEUDO, "pseudo labels")
+    index = pd.Series(np.arange(len(rows)), index=rows["id"])
+    # Drop pseudo-labels whose id is not an unlabelled row (defensive against stale inputs).
+    pseudo = pseudo[pseudo["id"].isin(rows.loc[rows["split"] == "unlabeled", "id"])]
+    X_ps = X[index.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X[:0]
+    y_ps = pseudo["label"].to_numpy()
+    w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
+                          t["pseudo_weight_scale"])
+
+    pipe = make_classifier(t["model"], t["C"], t["class_weight"], t["seed"])
+    fitted = {
+        "baseline": fit_weighted(pipe, X_lab, y_lab),
+        "semi_supervised": fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps),
+    }
+    oof = {
+        "baseline": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"], t["seed"]),
+        "semi_supervised": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"],
+                                             t["seed"], X_ps, y_ps, w_ps),
+    }
+    y_bin = (y_lab == positive).astype(int)
+    oof_rows = []
+    with open_live("train") as live:
+        live.log_metric("n_labeled", int(lab.sum()), plot=False)
+        live.log_metric("n_pseudo", int(len(pseudo)), plot=False)
+        for name, model in fitted.items():
+            threshold = threshold_for_sensitivity(y_bin, oof[name], target)
+            m = point_metrics(y_bin, oof[name], threshold)
+            save_model({"model": model, "name": name, "positive_class": positive,
+                        "classes": [str(c) for c in model.classes_],
+                        "threshold": float(threshold), "target_sensitivity": float(target),
+                        "embedding_fingerprint": fp.get("fingerprint", ""),
+                        "n_labeled": int(lab.sum()),
+                        "n_pseudo": int(len(pseudo)) if name == "semi_supervised" else 0},
+                       MODELS / f"{name}.skops")
+            live.log_metric(f"{name}/threshold", round(threshold, 6), plot=False)
+            for key in ("roc_auc", "sensitivity", "specificity"):
+                live.log_metric(f"{name}/oof_{key}", round(m[key], 6), plot=False)
+            oof_rows.append(pd.DataFrame({"id": rows.loc[lab, "id"].to_numpy(), "model": name,
+                                          "label": y_lab, "proba": oof[name]}))
+    write_parquet(pd.concat(oof_rows, ignore_index=True), MODELS / "oof_predictions.parquet")
+
+
+if __name__ == "__main__":
+    run_stage(main)

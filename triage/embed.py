@@ -1,0 +1,282 @@
+"""ResNet18 feature extractor: weights resolution, preprocessing, batched embedding.
+
+The embedding *fingerprint* (backbone, weights and their hash, preprocessing, size,
+precision, library versions) is stored in the Parquet schema metadata so a model
+trained on one embedding can refuse vectors made by another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import PipelineError, WeightsError
+from .io import atomic_path, sha256_file
+
+EMBED_DIM = 512
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS = "grey(L, alpha on black, 16-bit rescaled) -> resize {s}x{s} bilinear -> 3ch -> imagenet mean/std"
+EMBEDDING_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.string()),
+    ("vector", pa.list_(pa.float32(), EMBED_DIM)),
+])
+
+
+# --------------------------------------------------------------------------- weights
+def imagenet_weights_file():
+    """(weights enum, expected cache path) for torchvision's ResNet18 ImageNet weights."""
+    import torch
+    from torchvision.models import ResNet18_Weights
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    name = os.path.basename(weights.url)
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def load_imagenet_state_dict() -> tuple[dict, str]:
+    """State dict via torchvision's own mechanism (torch hub cache, TORCH_HOME)."""
+    weights, cached = imagenet_weights_file()
+    try:
+        # Uses the cached file when present; otherwise tries to download it.
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, hash mismatch, ...
+        raise WeightsError(
+            f"embed.weights=imagenet: cannot load {cached.name} ({type(exc).__name__}: {exc}).\n"
+            f"  This machine may be offline. Either:\n"
+            f"  1. download {weights.url} elsewhere and place it at {cached}\n"
+            f"     (the torch hub cache; set TORCH_HOME to move it), or\n"
+            f"  2. copy it into the repo, `dvc add` it, and set embed.weights: <that path>\n"
+            f"     (optionally embed.weights_sha256: <sha256 of the file>)."
+        ) from None
+    return state, sha256_file(cached) if cached.is_file() else ""
+
+
+def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """Load a ResNet18 state dict from a file safely (``weights_only=True``), hash-checked."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"embed.weights: file not found: {path}")
+    digest = sha256_file(path)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise WeightsError(f"embed.weights: sha256 of {path} is {digest}, "
+                           f"expected embed.weights_sha256={expected_sha256}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, pickle with code, ...
+        raise WeightsError(f"embed.weights: {path} is not a loadable weights-only checkpoint "
+                           f"(truncated or unsafe?): {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise WeightsError(f"embed.weights: {path} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return state, digest
+
+
+def build_backbone(weights: str, *, seed: int = 0, weights_sha256: str | None = None):
+    """ResNet18 with ``fc`` replaced by identity → 512-d pooled features, in eval mode.
+
+    Returns (model, weights_info) where weights_info says what was loaded.
+    """
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)  # makes `random` weights reproducible; harmless otherwise
+    model = resnet18(weights=None)
+    if weights == "random":
+        info = {"weights": "random", "weights_seed": seed, "weights_sha256": ""}
+    else:
+        if weights == "imagenet":
+            state, digest = load_imagenet_state_dict()
+            info = {"weights": "imagenet:IMAGENET1K_V1", "weights_sha256": digest}
+        else:
+            state, digest = load_checkpoint(weights, weights_sha256)
+            info = {"weights": Path(weights).as_posix(), "weights_sha256": digest}
+        # The classifier head is irrelevant (removed) and may have another class count.
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        check_shapes(model, state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise WeightsError(
+                f"embed.weights: {weights} is not a ResNet18 state dict "
+                f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} "
+                f"e.g. {unexpected[:3]})")
+    model.fc = torch.nn.Identity()
+    model.eval()
+    return model, info
+
+
+def check_shapes(model, state: dict) -> None:
+    """Explain shape mismatches (a same-named key from another architecture)."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise WeightsError(f"embed.weights: tensor shapes differ from ResNet18 for {bad[:3]}")
+
+
+# --------------------------------------------------------------------------- data
+class ImageDataset:
+    """Map-style dataset: decode + greyscale + resize in DataLoader workers (uint8 out)."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.image_size = list(paths), image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from .images import load_grey
+
+        grey = load_grey(self.paths[i], self.image_size)
+        return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("embed.device=cuda but no CUDA device is available (use auto or cpu)")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def fingerprint(weights_info: dict, image_size: int, precision: str) -> dict:
+    import torch
+    import torchvision
+
+    fp = {
+        "backbone": "resnet18",
+        **weights_info,
+        "preprocess": PREPROCESS.format(s=image_size),
+        "image_size": image_size,
+        "precision": precision,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    fp["fingerprint"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+class Embedder:
+    """Batched ResNet18 embedding (scikit-learn style ``transform`` over image paths)."""
+
+    def __init__(self, weights: str = "random", *, seed: int = 0, weights_sha256: str | None = None,
+                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
+                 device: str = "auto", precision: str = "fp32"):
+        self.weights, self.seed, self.weights_sha256 = weights, seed, weights_sha256
+        self.image_size, self.batch_size = image_size, batch_size
+        self.num_workers, self.device, self.precision = num_workers, device, precision
+
+    def fit(self, paths=None, y=None):
+        import torch
+
+        self.device_ = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.precision, self.device_)
+        model, info = build_backbone(self.weights, seed=self.seed,
+                                     weights_sha256=self.weights_sha256)
+        self.model_ = model.to(self.device_).to(memory_format=torch.channels_last)
+        self.fingerprint_ = fingerprint(info, self.image_size, self.precision_)
+        return self
+
+    def iter_batches(self, paths: list[str]) -> Iterator[np.ndarray]:
+        """Yield float32 (batch, 512) arrays in input order."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        workers = (os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
+        loader = DataLoader(ImageDataset(paths, self.image_size), batch_size=self.batch_size,
+                            shuffle=False, num_workers=workers,
+                            persistent_workers=False, pin_memory=self.device_ == "cuda")
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device_).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device_).view(1, 3, 1, 1)
+        dtype = torch.bfloat16 if self.precision_ == "bf16" else None
+        with torch.inference_mode():
+            for batch in loader:
+                x = batch.to(self.device_, non_blocking=True).unsqueeze(1).float().div_(255.0)
+                x = ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous(
+                    memory_format=torch.channels_last)
+                with torch.autocast(self.device_, dtype=dtype, enabled=dtype is not None):
+                    out = self.model_(x)
+                yield out.float().cpu().numpy()
+
+    def transform(self, paths: list[str]) -> np.ndarray:
+        chunks = list(self.iter_batches(paths))
+        return np.concatenate(chunks) if chunks else np.zeros((0, EMBED_DIM), np.float32)
+
+
+def write_embeddings(embedder: Embedder, rows: pd.DataFrame, path: str | Path,
+                     rows_per_group: int = 1024) -> int:
+    """Stream embeddings of ``rows`` (id, path, split, label) into Parquet, atomically.
+
+    Row groups are flushed as batches arrive, so memory does not grow with the stock.
+    """
+    meta = {b"embedding_fingerprint": json.dumps(embedder.fingerprint_, sort_keys=True).encode()}
+    schema = EMBEDDING_SCHEMA.with_metadata(meta)
+    n = 0
+    buf: list[np.ndarray] = []
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            def flush(vectors: np.ndarray, start: int) -> None:
+                part = rows.iloc[start:start + len(vectors)]
+                flat = pa.array(vectors.reshape(-1), type=pa.float32())
+                table = pa.Table.from_arrays([
+                    pa.array(part["id"].tolist(), pa.string()),
+                    pa.array(part["split"].tolist(), pa.string()),
+                    pa.array(part["label"].tolist(), pa.string()),
+                    pa.FixedSizeListArray.from_arrays(flat, EMBED_DIM),
+                ], schema=schema)
+                writer.write_table(table)
+
+            pending = 0
+            for vec in embedder.iter_batches(rows["path"].tolist()):
+                buf.append(vec)
+                pending += len(vec)
+                if pending >= rows_per_group:
+                    block = np.concatenate(buf)
+                    flush(block, n)
+                    n += len(block)
+                    buf, pending = [], 0
+            if buf:
+                block = np.concatenate(buf)
+                flush(block, n)
+                n += len(block)
+    if n != len(rows):
+        raise PipelineError(f"embedded {n} images, expected {len(rows)}")
+    return n
+
+
+def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """(rows without vectors, (n, 512) float32 matrix, fingerprint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"embeddings not found: {path} (run `dvc repro embed`)")
+    table = pq.read_table(path)
+    vec = table.column("vector").combine_chunks()
+    X = vec.values.to_numpy().reshape(len(table), EMBED_DIM).astype(np.float32, copy=False)
+    rows = table.drop(["vector"]).to_pandas()
+    meta = table.schema.metadata or {}
+    fp = json.loads(meta.get(b"embedding_fingerprint", b"{}"))
+    return rows, X, fp

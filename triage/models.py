@@ -1,0 +1,185 @@
+"""Light classifiers on embeddings, their training with pseudo-labels, and safe persistence.
+
+Models are saved with skops and loaded only if every type in the file is on an
+allowlist, so opening a model file cannot execute arbitrary code (unlike pickle).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import skops.io as sio
+from sklearn.base import clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from .errors import PipelineError
+from .io import atomic_path
+
+# Types a model file may contain beyond skops' defaults (numpy/builtins are trusted).
+TRUSTED_TYPES = [
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.svm._classes.SVC",
+    "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.decomposition._pca.PCA",
+    "sklearn.cluster._kmeans.KMeans",
+    "triage.cluster.PoolClusterer",
+    "sklearn.neighbors._classification.KNeighborsClassifier",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.ensemble._forest.RandomForestClassifier",
+    "sklearn.tree._classes.DecisionTreeClassifier",
+    "sklearn.tree._tree.Tree",
+    "sklearn.utils._bunch.Bunch",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "builtins.slice",
+]
+
+
+def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "balanced",
+                    random_state: int = 0) -> Pipeline:
+    """Scaler + light classifier; every option returns calibrated-ish probabilities."""
+    cw = None if class_weight == "none" else class_weight
+    if model == "logreg":
+        clf = LogisticRegression(C=C, class_weight=cw, max_iter=5000, random_state=random_state)
+    elif model == "svm":
+        # Platt scaling via CalibratedClassifierCV (SVC(probability=True) is deprecated).
+        clf = CalibratedClassifierCV(SVC(C=C, class_weight=cw, random_state=random_state),
+                                     method="sigmoid", cv=3, ensemble=False)
+    elif model == "knn":
+        clf = KNeighborsClassifier(n_neighbors=15, weights="distance")
+    elif model == "random_forest":
+        clf = RandomForestClassifier(n_estimators=300, class_weight=cw, min_samples_leaf=2,
+                                     random_state=random_state, n_jobs=1)
+    else:
+        raise ValueError(f"unknown train.model {model!r}")
+    return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+
+
+def supports_sample_weight(pipe: Pipeline) -> bool:
+    return not isinstance(pipe["clf"], KNeighborsClassifier)
+
+
+def pseudo_weights(confidence: np.ndarray, weighting: str, scale: float) -> np.ndarray:
+    """Weight of each pseudo-labelled sample relative to a real label (1.0)."""
+    base = np.asarray(confidence, float) if weighting == "confidence" else np.ones(len(confidence))
+    return base * scale
+
+
+def fit_weighted(pipe: Pipeline, X, y, w=None) -> Pipeline:
+    pipe = clone(pipe)
+    if w is not None and supports_sample_weight(pipe):
+        pipe.fit(X, y, clf__sample_weight=w)
+    else:
+        pipe.fit(X, y)
+    return pipe
+
+
+def fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps) -> Pipeline:
+    """Fit on labelled (weight 1) + pseudo-labelled (weight ``w_ps``) samples."""
+    X = np.concatenate([X_lab, X_ps]) if len(X_ps) else X_lab
+    y = np.concatenate([y_lab, y_ps]) if len(y_ps) else y_lab
+    w = np.concatenate([np.ones(len(y_lab)), w_ps]) if len(y_ps) else np.ones(len(y_lab))
+    return fit_weighted(pipe, X, y, w)
+
+
+def out_of_fold_proba(pipe, X_lab, y_lab, positive, folds: int, seed: int,
+                      X_ps=None, y_ps=None, w_ps=None) -> np.ndarray:
+    """P(positive) for each labelled image from a model that did not see it.
+
+    Pseudo-labelled samples (if given) are added to every training fold; they are never
+    scored. Used to pick the operating threshold without touching test.
+    """
+    y_lab = np.asarray(y_lab)
+    n_min = int(min(np.unique(y_lab, return_counts=True)[1]))
+    folds = max(2, min(folds, n_min))
+    oof = np.zeros(len(y_lab))
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for tr, va in skf.split(X_lab, y_lab):
+        if X_ps is not None and len(X_ps):
+            m = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], X_ps, y_ps, w_ps)
+        else:
+            m = fit_weighted(pipe, X_lab[tr], y_lab[tr])
+        oof[va] = positive_proba(m, X_lab[va], positive)
+    return oof
+
+
+def positive_proba(model, X, positive: str) -> np.ndarray:
+    classes = list(model.classes_)
+    if positive not in classes:
+        raise PipelineError(f"model was trained without the positive class '{positive}'")
+    return model.predict_proba(X)[:, classes.index(positive)]
+
+
+def _canonical_skops(data: bytes) -> bytes:
+    """Rewrite a skops archive so identical models give identical bytes.
+
+    skops names members and ``__id__`` fields after Python ``id()`` values and stamps
+    the current time, so two saves of the same model differ and DVC would see a new
+    output on every ``dvc repro -f``. Renumber ids in schema order, rename members to
+    match, and use a fixed timestamp; the result loads exactly like the original.
+    """
+    src = zipfile.ZipFile(io.BytesIO(data))
+    schema = json.loads(src.read("schema.json"))
+    ids: dict[int, int] = {}
+    names: dict[str, str] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            out = {}
+            for key, val in node.items():
+                if key == "__id__" and isinstance(val, int):
+                    val = ids.setdefault(val, len(ids) + 1)
+                elif key == "file" and isinstance(val, str) and val in src.namelist():
+                    val = names.setdefault(val, f"{len(names):05d}{Path(val).suffix}")
+                out[key] = walk(val)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    schema = walk(schema)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as dst:
+        def put(name: str, payload: bytes) -> None:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            dst.writestr(info, payload)
+
+        put("schema.json", json.dumps(schema, indent=2, sort_keys=True).encode())
+        for old, new in sorted(names.items(), key=lambda kv: kv[1]):
+            put(new, src.read(old))
+    return buf.getvalue()
+
+
+def save_model(bundle: dict, path: str | Path) -> None:
+    """Save {'model': Pipeline, ...plain metadata...} with skops, atomically and byte-stable."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(_canonical_skops(sio.dumps(bundle)))
+
+
+def load_model(path: str | Path) -> dict:
+    """Load a skops model bundle, refusing any type outside :data:`TRUSTED_TYPES`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"model not found: {path} (run `dvc repro train`)")
+    untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
+    if untrusted:
+        raise PipelineError(f"refusing to load {path}: it contains untrusted types {untrusted}")
+    return sio.load(path, trusted=sio.get_untrusted_types(file=path))

@@ -1,0 +1,157 @@
+"""Load and validate ``params.yaml``.
+
+Every stage validates the whole file at start-up so a typo (``trian.C``) or a wrong
+type fails in seconds with the dotted key named, instead of silently falling back
+to a default deep inside a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ParamsError
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One leaf of the schema."""
+
+    types: tuple
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None:
+            if self.nullable:
+                return
+            raise ParamsError(f"params: '{key}' must not be empty")
+        # bool is an int subclass: reject True where a number is expected.
+        if isinstance(value, bool) and bool not in self.types:
+            raise ParamsError(f"params: '{key}' must be {self._type_names()}, got bool {value!r}")
+        if not isinstance(value, self.types):
+            raise ParamsError(
+                f"params: '{key}' must be {self._type_names()}, got {type(value).__name__} {value!r}"
+            )
+        if self.choices is not None and isinstance(value, str) and value not in self.choices:
+            raise ParamsError(f"params: '{key}' must be one of {list(self.choices)}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.min is not None and value < self.min:
+                raise ParamsError(f"params: '{key}' must be >= {self.min}, got {value!r}")
+            if self.max is not None and value > self.max:
+                raise ParamsError(f"params: '{key}' must be <= {self.max}, got {value!r}")
+
+    def _type_names(self) -> str:
+        return " or ".join(t.__name__ for t in self.types)
+
+
+INT = (int,)
+NUM = (int, float)
+STR = (str,)
+BOOL = (bool,)
+
+# The single source of truth for which keys exist. Adding a param = add it here and
+# in params.yaml (tests check both agree).
+SCHEMA: dict[str, Any] = {
+    "data": {
+        "source": Spec(STR, choices=("demo", "folder")),
+        "root": Spec(STR),
+        "positive_class": Spec(STR),
+        "test_fraction": Spec(NUM, min=0.05, max=0.9),
+        "seed": Spec(INT, min=0),
+        "demo": {
+            "n_labeled": Spec(INT, min=4),
+            "n_unlabeled": Spec(INT, min=0),
+            "n_test": Spec(INT, min=4),
+            "prevalence": Spec(NUM, min=0.0, max=1.0),
+            "image_size": Spec(INT, min=32, max=1024),
+            "difficulty": Spec(NUM, min=0.1, max=5.0),
+            "benign_mass_rate": Spec(NUM, min=0.0, max=1.0),
+        },
+    },
+    "qc": {
+        "min_side": Spec(INT, min=1),
+        "max_pixels": Spec(INT, min=1),
+        "min_std": Spec(NUM, min=0.0),
+        "max_aspect": Spec(NUM, min=1.0),
+        "leakage_policy": Spec(STR, choices=("drop_test", "keep", "fail")),
+        "workers": Spec(INT, min=0),
+    },
+    "embed": {
+        "backbone": Spec(STR, choices=("resnet18",)),
+        "weights": Spec(STR),  # imagenet | random | path to a .pth state dict
+        "weights_sha256": Spec(STR, nullable=True),
+        "seed": Spec(INT, min=0),
+        "image_size": Spec(INT, min=32, max=1024),
+        "batch_size": Spec(INT, min=1),
+        "num_workers": Spec(INT, min=-1),
+        "device": Spec(STR, choices=("auto", "cpu", "cuda")),
+        "precision": Spec(STR, choices=("fp32", "bf16", "auto")),
+    },
+    "cluster": {
+        "pca_components": Spec(INT, min=2),
+        "k": Spec(INT, min=2),
+        "seed": Spec(INT, min=0),
+    },
+    "pseudo": {
+        "strategy": Spec(STR, choices=("cluster_vote", "confidence")),
+        "confidence_threshold": Spec(NUM, min=0.5, max=1.0),
+        "min_purity": Spec(NUM, min=0.5, max=1.0),
+        "min_support": Spec(INT, min=1),
+        "balance_classes": Spec(BOOL),
+        "C": Spec(NUM, min=1e-6),
+    },
+    "train": {
+        "model": Spec(STR, choices=("logreg", "svm", "knn", "random_forest")),
+        "C": Spec(NUM, min=1e-6),
+        "class_weight": Spec(STR, choices=("balanced", "none")),
+        "pseudo_weighting": Spec(STR, choices=("confidence", "uniform")),
+        "pseudo_weight_scale": Spec(NUM, min=0.0),
+        "cv_folds": Spec(INT, min=2, max=20),
+        "seed": Spec(INT, min=0),
+    },
+    "evaluate": {
+        "target_sensitivity": Spec(NUM, min=0.5, max=1.0),
+        "n_bootstrap": Spec(INT, min=0),
+        "ci_level": Spec(NUM, min=0.5, max=0.999),
+        "calibration_bins": Spec(INT, min=2),
+        "seed": Spec(INT, min=0),
+    },
+}
+
+
+def validate(params: Any, schema: dict = SCHEMA, prefix: str = "") -> dict:
+    """Raise ParamsError naming the first unknown, missing or mistyped dotted key."""
+    if not isinstance(params, dict):
+        where = prefix.rstrip(".") or "params.yaml"
+        raise ParamsError(f"params: '{where}' must be a mapping, got {type(params).__name__}")
+    for key in params:
+        if key not in schema:
+            known = ", ".join(prefix + k for k in schema)
+            raise ParamsError(f"params: unknown key '{prefix}{key}' (known here: {known})")
+    for key, spec in schema.items():
+        dotted = prefix + key
+        if key not in params:
+            raise ParamsError(f"params: missing key '{dotted}'")
+        if isinstance(spec, dict):
+            validate(params[key], spec, dotted + ".")
+        else:
+            spec.check(dotted, params[key])
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read and validate params.yaml; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
+    return validate(params)

@@ -1,0 +1,175 @@
+"""Scan the input folder layout into a manifest (one row per file found).
+
+Layout (``data.source: folder``; the demo generator writes the same layout)::
+
+    <root>/labeled/<class>/**     class names from folder names
+    <root>/unlabeled/**
+    <root>/test/<class>/**        optional; else a seeded stratified split of labeled
+
+Every file found becomes a manifest row, even when it cannot be read: QC decides what
+to quarantine, so ``files found == passed + quarantined`` can be checked downstream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+
+from .errors import DataError
+from .io import sha256_bytes
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()),          # sha256 of the file bytes (null when unreadable)
+    ("path", pa.string()),        # POSIX path relative to the working directory
+    ("split", pa.string()),       # labeled | unlabeled | test
+    ("label", pa.string()),       # class name, null when unknown
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("mode", pa.string()),
+    ("bytes", pa.int64()),
+    ("format", pa.string()),      # format from the file header (PNG, JPEG, ...)
+    ("read_error", pa.string()),  # why the file could not be read or identified; null if fine
+])
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def list_files(folder: Path) -> tuple[list[Path], int]:
+    """All regular files under ``folder`` (recursive, sorted); hidden files are counted, not listed."""
+    files, hidden = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if _is_hidden(p.relative_to(folder)):
+                hidden += 1
+                continue
+            files.append(p)
+    return files, hidden
+
+
+def describe_file(path: Path) -> dict:
+    """Hash and header-read one file. Never raises: problems go to ``read_error``."""
+    raw_name = os.fsencode(path)
+    try:
+        raw_name.decode("utf-8")
+        shown = path.as_posix()
+        name_ok = True
+    except UnicodeDecodeError:
+        # Parquet needs UTF-8; keep a readable, lossless-enough spelling for the report.
+        shown = raw_name.decode("utf-8", "backslashreplace")
+        name_ok = False
+    row = {"id": None, "path": shown, "width": None, "height": None, "mode": None,
+           "bytes": None, "format": None, "read_error": None}
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        row["read_error"] = f"unreadable: {exc.strerror or type(exc).__name__}"
+        return row
+    row["id"] = sha256_bytes(data)
+    row["bytes"] = len(data)
+    if not name_ok:
+        row["read_error"] = "non_utf8_filename"
+        return row
+    try:
+        with Image.open(path) as im:  # header only; QC does the full decode
+            row["width"], row["height"] = im.size
+            row["mode"], row["format"] = im.mode, im.format
+    except Image.DecompressionBombError:
+        row["read_error"] = "decompression_bomb"
+    except Exception as exc:  # noqa: BLE001 - any header failure is data, not a crash
+        row["read_error"] = f"not_an_image: {type(exc).__name__}"
+    return row
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"missing folder: {folder} (expected {folder}/<class>/ with images)")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {folder} (expected {folder}/<class>/)")
+    return classes
+
+
+def _scan_classes(folder: Path, split: str) -> tuple[list[dict], int]:
+    rows, hidden = [], 0
+    for cls_dir in _class_dirs(folder):
+        files, h = list_files(cls_dir)
+        hidden += h
+        if not files:
+            raise DataError(f"empty class folder: {cls_dir} (remove it or add images)")
+        for f in files:
+            rows.append({**describe_file(f), "split": split, "label": cls_dir.name})
+    return rows, hidden
+
+
+def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of rows moved to test: the same fraction of each class, seeded."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for cls in sorted(labels.unique()):
+        idx = np.flatnonzero(labels.to_numpy() == cls)
+        n_test = int(round(len(idx) * test_fraction))
+        if n_test < 1 or n_test >= len(idx):
+            raise DataError(
+                f"class '{cls}' has {len(idx)} labelled images: too few to split "
+                f"test_fraction={test_fraction} (add data/raw/test/<class>/ or more images)")
+        mask[rng.choice(idx, size=n_test, replace=False)] = True
+    return mask
+
+
+def build_manifest(root: str | Path, positive_class: str, test_fraction: float, seed: int,
+                   ) -> tuple[pd.DataFrame, dict]:
+    """Scan ``root`` and return (manifest, info). Structural problems raise DataError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root} (set data.root or data.source: demo)")
+    rows, hidden = _scan_classes(root / "labeled", "labeled")
+    classes = sorted({r["label"] for r in rows})
+    if positive_class not in classes:
+        raise DataError(f"positive class '{positive_class}' (data.positive_class) not among the "
+                        f"class folders of {root / 'labeled'}: {classes}")
+    if len(classes) != 2:
+        raise DataError(f"triage is binary: {root / 'labeled'} must hold exactly 2 class folders "
+                        f"(positive '{positive_class}' and one other), found {classes}")
+
+    unlabeled = root / "unlabeled"
+    if unlabeled.is_dir():
+        files, h = list_files(unlabeled)
+        hidden += h
+        rows += [{**describe_file(f), "split": "unlabeled", "label": None} for f in files]
+
+    test_dir = root / "test"
+    labeled_df = None
+    if test_dir.is_dir():
+        test_rows, h = _scan_classes(test_dir, "test")
+        hidden += h
+        extra = sorted({r["label"] for r in test_rows} - set(classes))
+        if extra:
+            raise DataError(f"test classes {extra} in {test_dir} are not labelled classes {classes}")
+        rows += test_rows
+        test_source = "folder"
+    else:
+        test_source = "split"
+    df = pd.DataFrame(rows, columns=[f.name for f in MANIFEST_SCHEMA])
+    if test_source == "split":
+        labeled_df = df["split"] == "labeled"
+        mask = stratified_test_split(df.loc[labeled_df, "label"], test_fraction, seed)
+        df.loc[df.index[labeled_df][mask], "split"] = "test"
+    if df.empty:
+        raise DataError(f"no images found under {root}")
+    order = {s: i for i, s in enumerate(("labeled", "unlabeled", "test"))}
+    df = df.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
+    df = df.reset_index(drop=True)
+    for col in ("width", "height", "bytes"):
+        df[col] = df[col].astype("Int64")
+    info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": hidden,
+            "negative_class": next(c for c in classes if c != positive_class)}
+    return df, info

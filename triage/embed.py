@@ -243,9 +243,9 @@ def write_embeddings(embedder: Embedder, rows: pd.DataFrame, path: str | Path,
                 part = rows.iloc[start:start + len(vectors)]
                 flat = pa.array(vectors.reshape(-1), type=pa.float32())
                 table = pa.Table.from_arrays([
-                    pa.array(part["id"].tolist(), pa.string()),
-                    pa.array(part["split"].tolist(), pa.string()),
-                    pa.array(part["label"].tolist(), pa.string()),
+                    pa.array(part["id"], pa.string(), from_pandas=True),
+                    pa.array(part["split"], pa.string(), from_pandas=True),
+                    pa.array(part["label"], pa.string(), from_pandas=True),  # NaN → null
                     pa.FixedSizeListArray.from_arrays(flat, EMBED_DIM),
                 ], schema=schema)
                 writer.write_table(table)

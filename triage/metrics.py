@@ -81,6 +81,37 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int = 
     }
 
 
+def fast_roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mann-Whitney ROC-AUC (ties count 1/2); equals sklearn's, ~50x faster for bootstraps."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y, int)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    ranks = rankdata(p)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision with sklearn's step definition (ties grouped), in numpy."""
+    y = np.asarray(y, int)
+    order = np.argsort(-np.asarray(p, float), kind="mergesort")
+    ys, ps = y[order], np.asarray(p, float)[order]
+    # Last index of each block of tied scores: precision/recall only change there.
+    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
+    tp = np.cumsum(ys)[last]
+    fp = (last + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / max(int(ys.sum()), 1)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = int(((pred == 1) & (y == 1)).sum())
+    denom = 2 * tp + int(((pred == 1) & (y == 0)).sum()) + int(((pred == 0) & (y == 1)).sum())
+    return 2 * tp / denom if denom else 0.0
+
+
 def _bootstrap_indices(y: np.ndarray, n_boot: int, seed: int):
     """Stratified resamples: each keeps the class counts, so AUC is always defined."""
     rng = np.random.default_rng(seed)
@@ -90,12 +121,14 @@ def _bootstrap_indices(y: np.ndarray, n_boot: int, seed: int):
 
 
 def _bootstrap_stats(y, p, threshold, n_boot, seed, n_bins) -> dict[str, np.ndarray]:
+    """Metric values over stratified resamples; the same seed gives the same resamples,
+    which is what makes :func:`paired_delta` paired."""
     out = {m: [] for m in BOOTSTRAP}
     for idx in _bootstrap_indices(y, n_boot, seed):
         yy, pp = y[idx], p[idx]
-        out["roc_auc"].append(roc_auc_score(yy, pp))
-        out["pr_auc"].append(average_precision_score(yy, pp))
-        out["f1"].append(f1_score(yy, (pp >= threshold).astype(int), zero_division=0))
+        out["roc_auc"].append(fast_roc_auc(yy, pp))
+        out["pr_auc"].append(fast_average_precision(yy, pp))
+        out["f1"].append(_f1(yy, (pp >= threshold).astype(int)))
         out["brier"].append(np.mean((pp - yy) ** 2))
         out["ece"].append(ece_score(yy, pp, n_bins))
     return {k: np.asarray(v) for k, v in out.items()}

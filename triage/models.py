@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import skops.io as sio
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
@@ -124,7 +123,7 @@ def positive_proba(model, X, positive: str) -> np.ndarray:
     classes = list(model.classes_)
     if positive not in classes:
         raise PipelineError(f"model was trained without the positive class '{positive}'")
-    return model.predict_proba(X)[:, classes.index(positive)]
+    return model.predict_proba(X)[:, classes.index(positive)].astype(np.float64)
 
 
 def _canonical_skops(data: bytes) -> bytes:
@@ -170,6 +169,8 @@ def _canonical_skops(data: bytes) -> bytes:
 
 def save_model(bundle: dict, path: str | Path) -> None:
     """Save {'model': Pipeline, ...plain metadata...} with skops, atomically and byte-stable."""
+    import skops.io as sio  # lazy: importing skops scans all of sklearn (seconds)
+
     with atomic_path(path) as tmp:
         tmp.write_bytes(_canonical_skops(sio.dumps(bundle)))
 
@@ -179,6 +180,8 @@ def load_model(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"model not found: {path} (run `dvc repro train`)")
+    import skops.io as sio
+
     untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
     if untrusted:
         raise PipelineError(f"refusing to load {path}: it contains untrusted types {untrusted}")

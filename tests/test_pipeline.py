@@ -1,0 +1,190 @@
+"""End to end: the real `dvc repro` in a temp git repo built from this project.
+
+Slow-ish (a few full runs of a shrunken demo); covers what users and CI rely on:
+metric keys, no-op second run, byte-identical `dvc repro -f`, a `train.*` change re-running
+only downstream stages, and folder mode quarantining a corrupt image.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["demo", "prepare", "qc", "embed", "cluster", "pseudo_label", "train", "evaluate"]
+MODELS = ("baseline", "semi_supervised")
+METRIC_NAMES = ("roc_auc pr_auc f1 accuracy sensitivity specificity ppv npv fn threshold "
+                "brier ece").split()
+
+TINY = {
+    "data.demo.n_labeled": 24, "data.demo.n_unlabeled": 80, "data.demo.n_test": 30,
+    "data.demo.image_size": 64, "embed.image_size": 64, "embed.batch_size": 32,
+    "cluster.k": 4, "cluster.pca_components": 8, "pseudo.min_support": 2,
+    "evaluate.n_bootstrap": 200, "train.cv_folds": 3,
+}
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", TQDM_DISABLE="1")
+    env.pop("DVCLIVE_TEST", None)  # the stages must log for real
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def set_params(repo: Path, updates: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in updates.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def make_repo(tmp: Path, env: dict) -> Path:
+    """Copy the project's source files (what a clone has, minus results) into a new git repo."""
+    repo = tmp / "repo"
+    listed = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).stdout.split("\n")
+    for rel in filter(None, listed):
+        if rel == "dvc.lock" or rel.startswith(("metrics/", "data/demo/", "tests/")):
+            continue
+        src = ROOT / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    set_params(repo, TINY)
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "base"], repo, env)  # DVCLive needs a commit
+    return repo
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = _env(tmp)
+    repo = make_repo(tmp, env)
+    first = run(["dvc", "repro"], repo, env)
+    return repo, env, first
+
+
+def test_full_run_produces_metric_contract(demo_repo):
+    repo, env, first = demo_repo
+    assert ran_stages(first.stdout) == STAGES
+    metrics = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
+    for model in MODELS:
+        for m in METRIC_NAMES:
+            assert m in metrics[model], f"{model}.{m} missing"
+        for m in ("roc_auc", "sensitivity", "specificity"):
+            assert metrics[model][f"{m}_ci_low"] <= metrics[model][m] <= metrics[model][f"{m}_ci_high"]
+    for m in METRIC_NAMES:
+        assert m in metrics["delta"]
+    assert metrics["n_test"] == TINY["data.demo.n_test"]
+    for stage in ("prepare", "qc", "embed", "cluster", "pseudo_label", "train", "evaluate"):
+        assert (repo / f"metrics/{stage}/metrics.json").is_file()
+    for plot in ("roc", "precision_recall", "confusion", "calibration"):
+        for model in MODELS:
+            assert (repo / f"metrics/evaluate/plots/sklearn/{plot}/{model}.json").is_file()
+    # Outputs are DVC's, not git's; metrics are git's (cache: false).
+    ignored = run(["git", "status", "--porcelain", "--ignored"], repo, env).stdout
+    assert "data/features/" in ignored or "data/features/embeddings.parquet" in ignored
+    assert "metrics/evaluate" not in run(["git", "check-ignore", "-v", "metrics/evaluate/metrics.json"],
+                                         repo, env, check=False).stdout
+    pseudo = json.loads((repo / "metrics/pseudo_label/metrics.json").read_text())
+    assert "accuracy" in pseudo.get("truth", {}) or pseudo["n_accepted"] == 0
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
+    assert "semi_supervised" in shown
+
+
+def test_second_repro_runs_nothing_and_status_is_clean(demo_repo):
+    repo, env, _ = demo_repo
+    assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 0
+    again = run(["dvc", "repro"], repo, env)
+    assert ran_stages(again.stdout) == []
+
+
+def test_forced_repro_gives_identical_lock(demo_repo):
+    repo, env, _ = demo_repo
+    before = (repo / "dvc.lock").read_text()
+    forced = run(["dvc", "repro", "-f"], repo, env)
+    assert ran_stages(forced.stdout) == STAGES
+    assert (repo / "dvc.lock").read_text() == before
+
+
+def test_train_param_change_reruns_only_downstream(demo_repo):
+    repo, env, _ = demo_repo
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results"], repo, env)
+    set_params(repo, {"train.C": 0.5})
+    assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 1
+    out = run(["dvc", "repro"], repo, env)
+    assert ran_stages(out.stdout) == ["train", "evaluate"]
+    diff = run(["dvc", "params", "diff", "--md"], repo, env).stdout
+    assert "train.C" in diff
+
+
+def _img(path: Path, rng, size=48):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = rng.normal(120, 30, (size, size))
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
+
+
+def test_folder_mode_quarantines_corrupt_image(tmp_path):
+    env = _env(tmp_path)
+    repo = make_repo(tmp_path, env)
+    rng = np.random.default_rng(0)
+    raw = repo / "data/raw"
+    for cls in ("cancer", "normal"):
+        for i in range(12):
+            _img(raw / "labeled" / cls / f"{i}.png", rng)
+    for i in range(30):
+        _img(raw / "unlabeled" / "batch1" / f"{i}.png", rng)  # recursive
+    good = raw / "labeled/cancer/0.png"
+    buf = (raw / "labeled/cancer/11.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(buf.with_suffix(".jpg"))
+    data = buf.with_suffix(".jpg").read_bytes()
+    (raw / "unlabeled/broken.jpg").write_bytes(data[: len(data) // 2])  # truncated transfer
+    assert good.exists()
+    set_params(repo, {"data.source": "folder", "data.test_fraction": 0.25, "cluster.k": 3})
+    out = run(["dvc", "repro"], repo, env)
+    assert ran_stages(out.stdout) == STAGES
+    quarantine = (repo / "data/qc/quarantine.csv").read_text()
+    assert "data/raw/unlabeled/broken.jpg,decode_error" in quarantine
+    qc = json.loads((repo / "metrics/qc/metrics.json").read_text())
+    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 30 + 2
+    assert qc["reason"]["decode_error"] == 1
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    env = _env(tmp_path)
+    repo = make_repo(tmp_path, env)
+    set_params(repo, {"data.source": "folder"})
+    res = run([sys.executable, "stages/prepare.py"], repo, env, check=False)
+    assert res.returncode == 1
+    assert "ERROR:" in res.stderr and "data/raw/labeled" in res.stderr
+    assert "Traceback" not in res.stderr
+    set_params(repo, {"data.source": "somewhere"})
+    res = run([sys.executable, "stages/prepare.py"], repo, env, check=False)
+    assert "data.source" in res.stderr and "Traceback" not in res.stderr

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from triage.embed import Embedder, write_embeddings  # noqa: E402
+from triage.embed import Embedder, load_reusable, write_embeddings  # noqa: E402
 from triage.io import open_live, read_parquet, run_stage, write_json  # noqa: E402
 from triage.params import load_params  # noqa: E402
 
@@ -21,9 +21,13 @@ def main() -> None:
                         image_size=e["image_size"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],
                         precision=e["precision"]).fit()
+    # OUT is `persist: true` in dvc.yaml: DVC leaves the previous file in place so
+    # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
+    reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
     start = time.perf_counter()
-    n = write_embeddings(embedder, rows, OUT)
+    n_new, n_reused = write_embeddings(embedder, rows, OUT, reuse=reuse)
     seconds = time.perf_counter() - start
+    n = n_new + n_reused
     fp = embedder.fingerprint_
     with open_live("embed") as live:
         live.log_metric("n_images", n, plot=False)
@@ -32,10 +36,12 @@ def main() -> None:
         live.log_param("device", embedder.device_)
     # Timings vary run to run: kept out of the stage's outputs so `dvc repro -f` gives an
     # identical dvc.lock; still a top-level metric, so `dvc metrics diff` shows them.
-    write_json({"embed": {"n_images": n, "seconds": round(seconds, 2),
-                          "throughput_img_s": round(n / max(seconds, 1e-9), 1),
+    write_json({"embed": {"n_images": n, "n_embedded_new": n_new, "n_reused": n_reused,
+                          "seconds": round(seconds, 2),
+                          "throughput_img_s": round(n_new / max(seconds, 1e-9), 1),
                           "device": embedder.device_, "precision": fp["precision"]}}, RUNTIME)
-    print(f"embed: {n} images, {n / max(seconds, 1e-9):.1f} img/s on {embedder.device_} "
+    print(f"embed: {n} images ({n_new} computed, {n_reused} reused), "
+          f"{n_new / max(seconds, 1e-9):.1f} img/s on {embedder.device_} "
           f"({fp['weights']}, {fp['precision']})")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.models import resnet18, resnet34
 
 from triage.embed import (EMBED_DIM, Embedder, build_backbone, imagenet_weights_file,
-                          load_checkpoint, read_embeddings, write_embeddings)
+                          load_checkpoint, load_reusable, read_embeddings, write_embeddings)
 from triage.errors import WeightsError
 
 
@@ -174,8 +174,8 @@ def test_feature_store_parquet_roundtrip(tmp_path, images):
                          "split": ["labeled", "unlabeled", "test"] * 2,
                          "label": ["cancer", None, "normal"] * 2})
     out = tmp_path / "emb" / "embeddings.parquet"
-    n = write_embeddings(emb, rows, out, rows_per_group=4)
-    assert n == len(images)
+    n_new, n_reused = write_embeddings(emb, rows, out, rows_per_group=4)
+    assert (n_new, n_reused) == (len(images), 0)
     meta = pq.ParquetFile(out)
     assert meta.metadata.num_row_groups == 2  # written as it goes, not all at once
     got_rows, X, fp = read_embeddings(out)
@@ -203,3 +203,89 @@ def test_bf16_close_to_fp32(images):
     b = Embedder("random", seed=0, image_size=64, precision="bf16").fit().transform(images)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.mean() > 0.99
+
+
+def _rows(paths):
+    import hashlib as h
+    return pd.DataFrame({"id": [h.sha256(open(p, "rb").read()).hexdigest() for p in paths],
+                         "path": paths, "split": "unlabeled", "label": None})
+
+
+def test_incremental_reuses_vectors_and_matches_fresh_bytes(tmp_path):
+    paths = _write_images(tmp_path, n=11, seed=5)
+    emb = Embedder("random", seed=0, image_size=40, batch_size=4).fit()
+    fp = emb.fingerprint_["fingerprint"]
+    store = tmp_path / "store.parquet"
+    # First run on 7 images, then 4 more arrive (inserted in the middle of the order).
+    first = _rows(paths[:3] + paths[7:])
+    assert write_embeddings(emb, first, store, rows_per_group=5) == (7, 0)
+    reuse = load_reusable(store, fp)
+    assert set(reuse) == set(first["id"])
+    everything = _rows(paths)
+    assert write_embeddings(emb, everything, store, reuse=reuse, rows_per_group=5) == (4, 7)
+    fresh = tmp_path / "fresh.parquet"
+    write_embeddings(emb, everything, fresh, rows_per_group=5)
+    assert store.read_bytes() == fresh.read_bytes()
+
+
+def test_fingerprint_change_or_corrupt_store_recomputes(tmp_path):
+    paths = _write_images(tmp_path, n=3)
+    store = tmp_path / "store.parquet"
+    emb = Embedder("random", seed=0, image_size=40).fit()
+    write_embeddings(emb, _rows(paths), store)
+    other = Embedder("random", seed=1, image_size=40).fit()  # other weights → other fingerprint
+    assert load_reusable(store, other.fingerprint_["fingerprint"]) == {}
+    assert len(load_reusable(store, emb.fingerprint_["fingerprint"])) == 3
+    store.write_bytes(store.read_bytes()[:100])  # truncated
+    assert load_reusable(store, emb.fingerprint_["fingerprint"]) == {}
+    assert load_reusable(tmp_path / "absent.parquet", "x") == {}
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+import pandas as pd
+from triage.embed import Embedder, write_embeddings
+rows = pd.read_parquet({rows!r})
+emb = Embedder("random", seed=0, image_size=64, batch_size=2).fit()
+orig = emb.iter_batches
+def slow(paths):
+    for i, b in enumerate(orig(paths)):
+        if i == 3:
+            print("WRITING", flush=True)
+            time.sleep(60)
+        yield b
+emb.iter_batches = slow
+write_embeddings(emb, rows, {out!r}, rows_per_group=2)
+"""
+
+
+def test_kill_mid_write_never_leaves_a_partial_file(tmp_path, repo_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    paths = _write_images(tmp_path, n=12, size=64)
+    rows = _rows(paths)
+    rows.to_parquet(tmp_path / "rows.parquet")
+    out = tmp_path / "feat" / "embeddings.parquet"
+    # A previous good result exists (e.g. from the last run) for the first 5 images.
+    emb = Embedder("random", seed=0, image_size=64, batch_size=2).fit()
+    write_embeddings(emb, rows.iloc[:5], out)
+    before = out.read_bytes()
+    script = KILL_SCRIPT.format(root=str(repo_root), rows=str(tmp_path / "rows.parquet"),
+                                out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    assert list(out.parent.glob(".embeddings.parquet.*.tmp"))  # mid-write, in a temp file
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes() == before  # the previous file is untouched, never half-written
+    # Rerun: correct output, stale temp file cleaned up.
+    reuse = load_reusable(out, emb.fingerprint_["fingerprint"])
+    assert write_embeddings(emb, rows, out, reuse=reuse) == (7, 5)
+    got_rows, X, _ = read_embeddings(out)
+    assert got_rows["id"].tolist() == rows["id"].tolist()
+    np.testing.assert_array_equal(X, emb.transform(paths))
+    assert not list(out.parent.glob(".embeddings.parquet.*.tmp"))

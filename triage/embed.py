@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import PipelineError, WeightsError
-from .io import atomic_path, sha256_file
+from .io import atomic_path, log, sha256_file
 
 EMBED_DIM = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,57 +215,84 @@ class Embedder:
         dtype = torch.bfloat16 if self.precision_ == "bf16" else None
         with torch.inference_mode():
             for batch in loader:
+                n = len(batch)
+                if n < self.batch_size:
+                    # Pad the last batch to full size: CPU kernels may pick another
+                    # algorithm for other batch shapes (batch 1 differs in the last bits),
+                    # and a vector must not depend on which images shared its batch, or
+                    # incremental runs would not reproduce a fresh run byte for byte.
+                    pad = batch[-1:].expand(self.batch_size - n, *batch.shape[1:])
+                    batch = torch.cat([batch, pad])
                 x = batch.to(self.device_, non_blocking=True).unsqueeze(1).float().div_(255.0)
                 x = ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous(
                     memory_format=torch.channels_last)
                 with torch.autocast(self.device_, dtype=dtype, enabled=dtype is not None):
                     out = self.model_(x)
-                yield out.float().cpu().numpy()
+                yield out[:n].float().cpu().numpy()
 
     def transform(self, paths: list[str]) -> np.ndarray:
         chunks = list(self.iter_batches(paths))
         return np.concatenate(chunks) if chunks else np.zeros((0, EMBED_DIM), np.float32)
 
 
+def load_reusable(path: str | Path, fingerprint: str) -> dict[str, np.ndarray]:
+    """Vectors of a previous run keyed by image id, if made with the same fingerprint.
+
+    Anything unreadable (missing, truncated, other fingerprint) means "reuse nothing":
+    the store is an optimisation, never a source of truth.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        rows, X, fp = read_embeddings(path)
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache must not stop the stage
+        log.warning("embed: ignoring unreadable previous embeddings (%s)", type(exc).__name__)
+        return {}
+    if fp.get("fingerprint") != fingerprint:
+        log.info("embed: embedding fingerprint changed: recomputing every image")
+        return {}
+    return dict(zip(rows["id"], X))
+
+
 def write_embeddings(embedder: Embedder, rows: pd.DataFrame, path: str | Path,
-                     rows_per_group: int = 1024) -> int:
+                     reuse: dict[str, np.ndarray] | None = None,
+                     rows_per_group: int = 1024) -> tuple[int, int]:
     """Stream embeddings of ``rows`` (id, path, split, label) into Parquet, atomically.
 
-    Row groups are flushed as batches arrive, so memory does not grow with the stock.
+    Vectors found in ``reuse`` (by image id) are copied, the others computed. Row groups
+    have a fixed size and are flushed as they fill, so memory does not grow with the
+    stock and the bytes do not depend on which vectors were reused. Returns
+    (n_computed, n_reused).
     """
+    reuse = reuse or {}
     meta = {b"embedding_fingerprint": json.dumps(embedder.fingerprint_, sort_keys=True).encode()}
     schema = EMBEDDING_SCHEMA.with_metadata(meta)
-    n = 0
-    buf: list[np.ndarray] = []
+    todo = ~rows["id"].isin(reuse.keys()).to_numpy()
+    computed = (v for batch in embedder.iter_batches(rows.loc[todo, "path"].tolist())
+                for v in batch)
+    n_new = 0
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
-            def flush(vectors: np.ndarray, start: int) -> None:
-                part = rows.iloc[start:start + len(vectors)]
-                flat = pa.array(vectors.reshape(-1), type=pa.float32())
-                table = pa.Table.from_arrays([
+            for start in range(0, len(rows), rows_per_group):
+                part = rows.iloc[start:start + rows_per_group]
+                block = np.empty((len(part), EMBED_DIM), np.float32)
+                for i, (rid, new) in enumerate(zip(part["id"], todo[start:start + len(part)])):
+                    if new:
+                        block[i] = next(computed)
+                        n_new += 1
+                    else:
+                        block[i] = reuse[rid]
+                flat = pa.array(block.reshape(-1), type=pa.float32())
+                writer.write_table(pa.Table.from_arrays([
                     pa.array(part["id"], pa.string(), from_pandas=True),
                     pa.array(part["split"], pa.string(), from_pandas=True),
                     pa.array(part["label"], pa.string(), from_pandas=True),  # NaN → null
                     pa.FixedSizeListArray.from_arrays(flat, EMBED_DIM),
-                ], schema=schema)
-                writer.write_table(table)
-
-            pending = 0
-            for vec in embedder.iter_batches(rows["path"].tolist()):
-                buf.append(vec)
-                pending += len(vec)
-                if pending >= rows_per_group:
-                    block = np.concatenate(buf)
-                    flush(block, n)
-                    n += len(block)
-                    buf, pending = [], 0
-            if buf:
-                block = np.concatenate(buf)
-                flush(block, n)
-                n += len(block)
-    if n != len(rows):
-        raise PipelineError(f"embedded {n} images, expected {len(rows)}")
-    return n
+                ], schema=schema))
+        if next(computed, None) is not None or n_new != int(todo.sum()):
+            raise PipelineError("embed: computed vectors do not match the images to embed")
+    return n_new, len(rows) - n_new
 
 
 def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, dict]:

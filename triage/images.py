@@ -9,12 +9,11 @@ from PIL import Image
 def to_grey_array(im: Image.Image) -> np.ndarray:
     """Greyscale float64 array in [0, 255] whatever the mode (16-bit, palette, alpha).
 
-    Transparent pixels are composited on black (the usual background of scans), 16-bit
-    data is rescaled from its full range rather than clipped to 255.
+    Transparent pixels are composited on black (the usual background of scans). 16-bit
+    and 32-bit data are stretched from their own min-max range: medical images often use
+    10-12 of the 16 bits, and dividing by 65535 would make them almost black.
     """
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
-    if im.mode in ("I", "F"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         return (arr - lo) * (255.0 / max(hi - lo, 1e-12))

@@ -182,7 +182,37 @@ def load_model(path: str | Path) -> dict:
         raise PipelineError(f"model not found: {path} (run `dvc repro train`)")
     import skops.io as sio
 
-    untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
+    try:
+        flagged = set(sio.get_untrusted_types(file=path))
+        # skops trusts most sklearn types by default, so its list alone does not enforce
+        # TRUSTED_TYPES: also check every class the schema names (plain builtins/numpy
+        # containers aside, which skops itself would have flagged if unsafe).
+        named = {t for t in _schema_types(path)
+                 if t.rsplit(".", 1)[0] not in ("builtins", "numpy")}
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise PipelineError(f"{path} is not a readable skops model file ({exc})") from None
+    untrusted = sorted(t for t in flagged | named if t not in TRUSTED_TYPES)
     if untrusted:
         raise PipelineError(f"refusing to load {path}: it contains untrusted types {untrusted}")
     return sio.load(path, trusted=sio.get_untrusted_types(file=path))
+
+
+def _schema_types(path: Path) -> set[str]:
+    """Every ``module.Class`` named in a skops file's schema."""
+    with zipfile.ZipFile(path) as zf:
+        schema = json.loads(zf.read("schema.json"))
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            mod, cls = node.get("__module__"), node.get("__class__")
+            if isinstance(mod, str) and isinstance(cls, str):
+                found.add(f"{mod}.{cls}")
+            for val in node.values():
+                walk(val)
+        elif isinstance(node, list):
+            for val in node:
+                walk(val)
+
+    walk(schema)
+    return found

@@ -41,6 +41,8 @@ class Spec:
         if self.choices is not None and isinstance(value, str) and value not in self.choices:
             raise ParamsError(f"params: '{key}' must be one of {list(self.choices)}, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:  # NaN passes every < / > comparison: reject it explicitly
+                raise ParamsError(f"params: '{key}' must be a number, got {value!r}")
             if self.min is not None and value < self.min:
                 raise ParamsError(f"params: '{key}' must be >= {self.min}, got {value!r}")
             if self.max is not None and value > self.max:

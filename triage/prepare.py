@@ -100,7 +100,14 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def _scan_classes(folder: Path, split: str) -> tuple[list[dict], int]:
     rows, hidden = [], 0
-    for cls_dir in _class_dirs(folder):
+    classes = _class_dirs(folder)
+    loose = sorted(p.name for p in folder.iterdir() if not p.is_dir())
+    hidden += sum(name.startswith(".") for name in loose)
+    loose = [name for name in loose if not name.startswith(".")]
+    if loose:  # a file outside <class>/ has no label: refuse rather than drop it silently
+        raise DataError(f"files directly in {folder} have no class folder: {loose[:5]} "
+                        f"(move them into {folder}/<class>/)")
+    for cls_dir in classes:
         files, h = list_files(cls_dir)
         hidden += h
         if not files:

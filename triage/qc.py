@@ -131,7 +131,7 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
     rank = df["split"].map({"labeled": 0, "unlabeled": 1, "test": 2})
     order = df[ok].assign(_rank=rank[ok]).sort_values(["_rank", "path"])
     first = order.drop_duplicates("id")
-    first_path = df["id"].map(dict(zip(first["id"], first["path"])))
+    first_path = df["id"].map(dict(zip(first["id"], first["path"]))).astype(object)
     first_split = df["id"].map(dict(zip(first["id"], first["split"])))
     is_copy = ok & ~df.index.isin(first.index)
     leak = is_copy & df["split"].eq("test") & first_split.ne("test")

@@ -1,0 +1,247 @@
+"""Pool clustering and pseudo-labelling strategies on hand-built / synthetic data."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from triage.cluster import PoolClusterer, cluster_purity, cluster_quality
+from triage.pseudo import (PSEUDO_COLUMNS, ClusterVotePseudoLabeler, ConfidencePseudoLabeler,
+                           pseudo_label_quality)
+
+CENTRES = np.array([[0.0] * 8, [12.0] * 8, [-12.0, 12.0] * 4, [12.0, -12.0] * 4])
+
+
+def _blobs(n=160, seed=0):
+    return make_blobs(n_samples=n, centers=CENTRES, cluster_std=1.0, random_state=seed)
+
+
+# --------------------------------------------------------------------------- PoolClusterer
+
+
+def test_clusterer_recovers_well_separated_blobs():
+    X, truth = _blobs()
+    model = PoolClusterer(n_components=4, k=4, random_state=0).fit(X)
+    assert adjusted_rand_score(truth, model.labels_) == 1.0
+    # purity 1: every found cluster holds a single true blob, and each blob one cluster
+    table = pd.crosstab(model.labels_, truth)
+    assert ((table > 0).sum(axis=1) == 1).all() and ((table > 0).sum(axis=0) == 1).all()
+    assert 0 < model.explained_variance_ <= 1.0
+
+
+def test_clusterer_predicts_new_points_into_their_blob():
+    X, truth = _blobs(seed=1)
+    model = PoolClusterer(n_components=4, k=4, random_state=0).fit(X)
+    blob_to_cluster = pd.Series(model.labels_).groupby(truth).agg(lambda s: s.mode()[0])
+    X_new, truth_new = _blobs(n=40, seed=2)
+    np.testing.assert_array_equal(model.predict(X_new), blob_to_cluster[truth_new].to_numpy())
+    np.testing.assert_array_equal(model.predict(X), model.labels_)
+    assert model.transform(X_new).shape == (40, 4)
+
+
+def test_clusterer_is_seeded_and_clamps_components():
+    X, _ = _blobs(n=60, seed=3)
+    a = PoolClusterer(n_components=50, k=3, random_state=5).fit(X)  # 50 > 8 features
+    b = PoolClusterer(n_components=50, k=3, random_state=5).fit(X)
+    assert a.reducer_["pca"].n_components_ == X.shape[1]
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+
+
+def test_clusterer_rejects_k_larger_than_the_pool():
+    with pytest.raises(ValueError, match="cluster.k=5"):
+        PoolClusterer(k=5).fit(np.random.default_rng(0).normal(size=(4, 3)))
+
+
+def test_cluster_quality_prefers_the_true_partition():
+    X, truth = _blobs(seed=4)
+    rng = np.random.default_rng(0)
+    good = cluster_quality(X, truth)
+    bad = cluster_quality(X, rng.integers(0, 4, len(X)))
+    assert good["silhouette"] > 0.5 > bad["silhouette"]
+    assert good["davies_bouldin"] < bad["davies_bouldin"]
+    assert good["calinski_harabasz"] > bad["calinski_harabasz"]
+    assert all(np.isnan(v) for v in cluster_quality(X, np.zeros(len(X), int)).values())
+
+
+# --------------------------------------------------------------------------- cluster_purity
+
+
+def test_cluster_purity_counts():
+    clusters = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    labels = pd.Series(["cancer", "cancer", "normal", None,       # 2 pos, 1 neg, 1 unknown
+                        "normal", "normal", "normal",             # 3 neg
+                        None, None,                               # no labels
+                        "cancer", "normal"])                      # tie
+    got = cluster_purity(clusters, labels, "cancer").set_index("cluster")
+    assert got["size"].tolist() == [4, 3, 2, 2]
+    assert got["n_labeled"].tolist() == [3, 3, 0, 2]
+    assert got["n_positive"].tolist() == [2, 0, 0, 1]
+    assert got["n_negative"].tolist() == [1, 3, 0, 1]
+    assert got.loc[0, "majority"] == "cancer" and got.loc[1, "majority"] == "normal"
+    assert pd.isna(got.loc[2, "majority"]) and np.isnan(got.loc[2, "purity"])
+    assert got.loc[0, "purity"] == pytest.approx(2 / 3)
+    assert got.loc[1, "purity"] == 1.0 and got.loc[3, "purity"] == 0.5
+
+
+def test_cluster_purity_ignores_the_label_index():
+    # labels arriving as a slice of a bigger frame keep their original index
+    labels = pd.Series(["normal", "cancer", "cancer"], index=[10, 20, 30])
+    got = cluster_purity(np.array([1, 1, 1]), labels, "cancer")
+    assert got.loc[0, "n_positive"] == 2 and got.loc[0, "majority"] == "cancer"
+
+
+# --------------------------------------------------------------------------- cluster vote
+
+
+def _vote(labeler, pool_clusters, labelled):
+    """``labelled`` maps cluster -> list of labels of its labelled points."""
+    lab_c = [c for c, ys in labelled.items() for _ in ys]
+    lab_y = [y for ys in labelled.values() for y in ys]
+    ids = [f"p{i:02d}" for i in range(len(pool_clusters))]
+    return labeler.fit_predict(pd.Series(ids), np.array(pool_clusters), np.array(lab_c),
+                               pd.Series(lab_y)), ids
+
+
+def test_cluster_vote_support_purity_and_laplace_confidence():
+    labelled = {
+        0: ["cancer"] * 3,                    # 3/3: votes, conf 4/5
+        1: ["normal"] * 30,                   # 30/30: votes, conf 31/32
+        2: ["cancer"] * 2,                    # support 2 < 3: no vote
+        3: ["normal"] * 8 + ["cancer"] * 2,   # purity 0.8 == min: votes, conf 9/12
+        4: ["normal"] * 7 + ["cancer"] * 3,   # purity 0.7 < 0.8: no vote
+        5: ["cancer"] * 3 + ["normal"] * 3,   # tie: no vote
+    }
+    pool = [0, 1, 2, 3, 4, 5, 6, 0, 1]       # cluster 6 has no labelled points
+    out, ids = _vote(ClusterVotePseudoLabeler(min_purity=0.8, min_support=3), pool, labelled)
+    assert list(out.columns) == PSEUDO_COLUMNS
+    got = out.set_index("id")
+    assert set(got.index) == {ids[0], ids[1], ids[3], ids[7], ids[8]}
+    expected = {0: ("cancer", (3 + 1) / (3 + 2)), 1: ("normal", (30 + 1) / (30 + 2)),
+                3: ("normal", (8 + 1) / (10 + 2))}
+    for i, c in enumerate(pool):
+        if ids[i] in got.index:
+            label, conf = expected[c]
+            assert got.loc[ids[i], "label"] == label
+            assert got.loc[ids[i], "confidence"] == pytest.approx(conf)
+    assert (out["strategy"] == "cluster_vote").all()
+    assert out["id"].is_monotonic_increasing
+
+
+def test_cluster_vote_thresholds_are_respected_when_changed():
+    labelled = {0: ["cancer"] * 2, 1: ["normal"] * 7 + ["cancer"] * 3}
+    pool = [0, 1]
+    strict, _ = _vote(ClusterVotePseudoLabeler(0.8, 3), pool, labelled)
+    loose, ids = _vote(ClusterVotePseudoLabeler(0.7, 2), pool, labelled)
+    assert strict.empty and list(strict.columns) == PSEUDO_COLUMNS
+    assert loose.set_index("id")["label"].to_dict() == {ids[0]: "cancer", ids[1]: "normal"}
+
+
+def test_cluster_vote_tie_is_never_voted_even_when_thresholds_allow():
+    out, _ = _vote(ClusterVotePseudoLabeler(min_purity=0.5, min_support=1), [0, 0],
+                   {0: ["cancer", "normal", "normal", "cancer"]})
+    assert out.empty
+
+
+def test_cluster_vote_balance_keeps_equal_counts_most_confident_first():
+    labelled = {0: ["cancer"] * 3, 1: ["cancer"] * 20, 2: ["normal"] * 5}
+    pool = [0] * 4 + [1] * 3 + [2] * 2
+    out, ids = _vote(ClusterVotePseudoLabeler(0.8, 3, balance_classes=True), pool, labelled)
+    counts = out["label"].value_counts().to_dict()
+    assert counts == {"cancer": 2, "normal": 2}
+    # the cancer votes kept are from cluster 1 (21/22), not cluster 0 (4/5)
+    kept_cancer = out.loc[out["label"] == "cancer", "id"]
+    assert set(kept_cancer) <= set(ids[4:7])
+    unbalanced, _ = _vote(ClusterVotePseudoLabeler(0.8, 3), pool, labelled)
+    assert unbalanced["label"].value_counts().to_dict() == {"cancer": 7, "normal": 2}
+
+
+def test_balance_with_a_single_class_keeps_nothing():
+    out, _ = _vote(ClusterVotePseudoLabeler(0.8, 3, balance_classes=True), [0, 0],
+                   {0: ["cancer"] * 4})
+    assert out.empty
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+@pytest.fixture(scope="module")
+def two_class_pool():
+    rng = np.random.default_rng(0)
+    X_lab = np.r_[rng.normal(-2, 1, (20, 4)), rng.normal(2, 1, (20, 4))]
+    y_lab = np.array(["normal"] * 20 + ["cancer"] * 20)
+    # pool: a spread from clearly normal to clearly cancer through ambiguous points
+    X_pool = np.linspace(-4, 4, 41)[:, None] * np.ones((1, 4)) + rng.normal(0, 0.1, (41, 4))
+    ids = pd.Series([f"u{i:02d}" for i in range(41)])
+    return ids, X_pool, X_lab, y_lab
+
+
+def test_confidence_labeler_accepts_everything_at_one_half(two_class_pool):
+    ids, X_pool, X_lab, y_lab = two_class_pool
+    out = ConfidencePseudoLabeler(threshold=0.5).fit_predict(ids, X_pool, X_lab, y_lab)
+    assert len(out) == len(ids)  # max of two probabilities is always >= 0.5
+    got = out.set_index("id")
+    assert got.loc["u00", "label"] == "normal" and got.loc["u40", "label"] == "cancer"
+    assert got.loc["u00", "confidence"] > 0.95 and got.loc["u40", "confidence"] > 0.95
+    assert (out["strategy"] == "confidence").all() and list(out.columns) == PSEUDO_COLUMNS
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.8, 0.9])
+def test_confidence_labeler_accepts_only_at_or_above_the_threshold(two_class_pool, threshold):
+    ids, X_pool, X_lab, y_lab = two_class_pool
+    everything = ConfidencePseudoLabeler(threshold=0.5).fit_predict(ids, X_pool, X_lab, y_lab)
+    out = ConfidencePseudoLabeler(threshold=threshold).fit_predict(ids, X_pool, X_lab, y_lab)
+    assert (out["confidence"] >= threshold).all()
+    # exactly the images whose confidence (same classifier) reaches the threshold
+    expected = everything[everything["confidence"] >= threshold].reset_index(drop=True)
+    pd.testing.assert_frame_equal(out, expected, check_dtype=False)
+    assert 0 < len(out) < len(ids)  # ambiguous middle points are rejected
+
+
+def test_confidence_labeler_balance(two_class_pool):
+    ids, X_pool, X_lab, y_lab = two_class_pool
+    keep = np.r_[np.arange(0, 41), np.arange(30, 41)]  # extra cancer-side points
+    ids2 = pd.Series([f"v{i:02d}" for i in range(len(keep))])
+    full = ConfidencePseudoLabeler(0.9).fit_predict(ids2, X_pool[keep], X_lab, y_lab)
+    bal = ConfidencePseudoLabeler(0.9, balance_classes=True).fit_predict(
+        ids2, X_pool[keep], X_lab, y_lab)
+    n = full["label"].value_counts()
+    assert n["cancer"] > n["normal"]
+    assert bal["label"].value_counts().to_dict() == {"cancer": n.min(), "normal": n.min()}
+    # the cancer pseudo-labels kept are the most confident ones
+    top = full[full["label"] == "cancer"]["confidence"].nlargest(n.min()).min()
+    assert (bal.loc[bal["label"] == "cancer", "confidence"] >= top - 1e-12).all()
+
+
+def test_confidence_labeler_empty_pool(two_class_pool):
+    _, X_pool, X_lab, y_lab = two_class_pool
+    out = ConfidencePseudoLabeler(0.9).fit_predict(pd.Series([], dtype=object), X_pool[:0],
+                                                   X_lab, y_lab)
+    assert out.empty and list(out.columns) == PSEUDO_COLUMNS
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_pseudo_label_quality_against_hand_built_truth():
+    truth = pd.DataFrame({"id": ["a", "b", "c", "d", "e", "f", "g"],
+                          "label": ["cancer", "cancer", "normal", "normal", "normal",
+                                    "cancer", "normal"]})
+    pseudo = pd.DataFrame({"id": ["a", "b", "c", "d", "e", "zz"],
+                           "label": ["cancer", "normal", "cancer", "normal", "normal", "cancer"],
+                           "confidence": 0.9, "strategy": "x"})
+    q = pseudo_label_quality(pseudo, truth, ["cancer", "normal"])
+    # a right, b wrong, c wrong, d right, e right; zz has no truth
+    assert q["n_with_truth"] == 5
+    assert q["accuracy"] == pytest.approx(3 / 5)
+    assert q["precision/cancer"] == pytest.approx(1 / 2)   # a right, c wrong
+    assert q["precision/normal"] == pytest.approx(2 / 3)   # d, e right, b wrong
+    assert q["recall/cancer"] == pytest.approx(1 / 3)      # a of {a, b, f}
+    assert q["recall/normal"] == pytest.approx(2 / 4)      # d, e of {c, d, e, g}
+
+
+def test_pseudo_label_quality_empty_inputs():
+    truth = pd.DataFrame({"id": ["a"], "label": ["cancer"]})
+    empty = pd.DataFrame(columns=PSEUDO_COLUMNS)
+    assert pseudo_label_quality(empty, truth, ["cancer", "normal"]) == {}
+    other = pd.DataFrame({"id": ["z"], "label": ["cancer"], "confidence": 1.0, "strategy": "x"})
+    assert pseudo_label_quality(other, truth, ["cancer", "normal"]) == {}

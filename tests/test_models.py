@@ -1,0 +1,269 @@
+"""Classifiers, semi-supervised fitting, out-of-fold scores and safe skops persistence."""
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.datasets import make_classification
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from triage.cluster import PoolClusterer
+from triage.errors import PipelineError
+from triage.models import (fit_semi_supervised, fit_weighted, load_model, make_classifier,
+                           out_of_fold_proba, positive_proba, pseudo_weights, save_model)
+
+MODELS = ["logreg", "svm", "knn", "random_forest"]
+
+
+def _labelled(n=80, seed=0, sep=2.0):
+    X, y = make_classification(n_samples=n, n_features=6, n_informative=4, n_redundant=0,
+                               class_sep=sep, random_state=seed)
+    return X, np.where(y == 1, "cancer", "normal")
+
+
+class NotAModel:
+    """A custom class: not on the allowlist, so its module code must never run on load."""
+
+    def __init__(self, payload="x"):
+        self.payload = payload
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_classifier_fits_and_predicts(model):
+    X, y = _labelled(seed=1)
+    pipe = fit_weighted(make_classifier(model, C=1.0, random_state=0), X[:60], y[:60])
+    pred = pipe.predict(X[60:])
+    assert set(pred) <= {"cancer", "normal"}
+    proba = positive_proba(pipe, X[60:], "cancer")
+    assert proba.dtype == np.float64 and ((proba >= 0) & (proba <= 1)).all()
+    # separable data: every model should rank far better than chance on held-out points
+    assert roc_auc_score(y[60:] == "cancer", proba) > 0.8
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="xgboost"):
+        make_classifier("xgboost")
+
+
+def test_class_weight_none_and_balanced_differ_on_imbalanced_data():
+    X, y = _labelled(n=90, seed=2, sep=0.5)
+    keep = np.r_[np.flatnonzero(y == "normal"), np.flatnonzero(y == "cancer")[:10]]
+    X, y = X[keep], y[keep]
+    bal = fit_weighted(make_classifier("logreg", class_weight="balanced"), X, y)
+    none = fit_weighted(make_classifier("logreg", class_weight="none"), X, y)
+    assert bal["clf"].class_weight == "balanced" and none["clf"].class_weight is None
+    # balancing up-weights the rare positives, raising their predicted probability
+    assert positive_proba(bal, X, "cancer").mean() > positive_proba(none, X, "cancer").mean()
+
+
+def test_positive_proba_requires_the_positive_class():
+    X, y = _labelled(seed=3)
+    pipe = fit_weighted(make_classifier("logreg"), X, y)
+    with pytest.raises(PipelineError, match="'malignant'"):
+        positive_proba(pipe, X, "malignant")
+    col = list(pipe.classes_).index("cancer")
+    np.testing.assert_allclose(positive_proba(pipe, X, "cancer"), pipe.predict_proba(X)[:, col])
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def _small(model, **kw):
+    """make_classifier, with a 10-tree forest to keep the tests fast (same types)."""
+    pipe = make_classifier(model, **kw)
+    if model == "random_forest":
+        pipe.set_params(clf__n_estimators=10)
+    return pipe
+
+
+def _bundle(model="logreg", seed=0):
+    X, y = _labelled(seed=seed)
+    y = y.astype(object)  # as the stage gets labels from pandas: object-dtype classes_
+    pipe = fit_weighted(_small(model, random_state=0), X, y)
+    return {"model": pipe, "name": "baseline", "positive_class": "cancer", "threshold": 0.42,
+            "classes": ["cancer", "normal"], "n_pseudo": 0}, X
+
+
+def test_save_model_is_byte_stable(tmp_path):
+    a, _ = _bundle()
+    b, _ = _bundle()  # a different object holding an identical model
+    save_model(a, tmp_path / "a.skops")
+    save_model(a, tmp_path / "a2.skops")
+    save_model(b, tmp_path / "b.skops")
+    data = (tmp_path / "a.skops").read_bytes()
+    assert data == (tmp_path / "a2.skops").read_bytes()
+    assert data == (tmp_path / "b.skops").read_bytes()
+    # and it is a change-sensitive encoding, not a constant
+    c, _ = _bundle(seed=5)
+    save_model(c, tmp_path / "c.skops")
+    assert (tmp_path / "c.skops").read_bytes() != data
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_load_model_round_trip_for_every_classifier(tmp_path, model):
+    bundle, X = _bundle(model)
+    path = tmp_path / f"{model}.skops"
+    save_model(bundle, path)
+    loaded = load_model(path)
+    assert {k: v for k, v in loaded.items() if k != "model"} == \
+        {k: v for k, v in bundle.items() if k != "model"}
+    np.testing.assert_array_equal(loaded["model"].predict(X), bundle["model"].predict(X))
+    np.testing.assert_allclose(loaded["model"].predict_proba(X),
+                               bundle["model"].predict_proba(X), rtol=0, atol=0)
+
+
+def test_load_model_round_trip_for_the_clusterer(tmp_path):
+    X, _ = _labelled(n=60, seed=4)
+    model = PoolClusterer(n_components=4, k=3, random_state=0).fit(X)
+    save_model({"model": model, "embedding_fingerprint": "abc"}, tmp_path / "c.skops")
+    loaded = load_model(tmp_path / "c.skops")
+    np.testing.assert_array_equal(loaded["model"].predict(X), model.predict(X))
+
+
+def test_canonical_file_still_loads_with_plain_skops(tmp_path):
+    bundle, X = _bundle()
+    save_model(bundle, tmp_path / "m.skops")
+    plain = sio.load(tmp_path / "m.skops",
+                     trusted=sio.get_untrusted_types(file=tmp_path / "m.skops"))
+    np.testing.assert_array_equal(plain["model"].predict(X), bundle["model"].predict(X))
+
+
+def test_load_model_refuses_an_untrusted_sklearn_type(tmp_path):
+    X, y = _labelled(n=40, seed=6)
+    gb = GradientBoostingClassifier(n_estimators=3, random_state=0).fit(X, y)
+    path = tmp_path / "gb.skops"
+    sio.dump({"model": gb}, path)
+    with pytest.raises(PipelineError) as exc:
+        load_model(path)
+    msg = str(exc.value)
+    assert "refusing" in msg and "GradientBoostingClassifier" in msg and str(path) in msg
+
+
+def test_load_model_refuses_a_custom_class(tmp_path):
+    path = tmp_path / "evil.skops"
+    sio.dump({"model": NotAModel("payload")}, path)
+    with pytest.raises(PipelineError, match="NotAModel"):
+        load_model(path)
+
+
+def test_load_model_corrupt_file(tmp_path):
+    path = tmp_path / "m.skops"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(PipelineError, match="not a readable skops"):
+        load_model(path)
+
+
+def test_load_model_missing_file(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_model(tmp_path / "nope.skops")
+
+
+def test_save_model_writes_atomically_and_leaves_no_temp(tmp_path):
+    bundle, _ = _bundle()
+    save_model(bundle, tmp_path / "sub" / "m.skops")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.skops"]
+
+
+# --------------------------------------------------------------------------- out-of-fold
+
+
+def _twins(n_pairs=30, seed=0):
+    """Pairs of nearly identical points with opposite labels, pairs far apart.
+
+    A 1-NN that has seen a point predicts its own label; one that has not seen it but
+    has seen its twin predicts the opposite label.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=50.0, size=(n_pairs, 3))
+    X = np.concatenate([centres, centres + 1e-3])
+    y = np.array(["cancer"] * n_pairs + ["normal"] * n_pairs)
+    return X, y
+
+
+def test_out_of_fold_never_scores_a_sample_with_a_model_that_saw_it():
+    X, y = _twins()
+    one_nn = Pipeline([("scale", StandardScaler()), ("clf", KNeighborsClassifier(1))])
+    in_sample = positive_proba(fit_weighted(one_nn, X, y), X, "cancer")
+    y_bin = (y == "cancer").astype(float)
+    np.testing.assert_array_equal(in_sample, y_bin)  # memorises the training set
+    oof = out_of_fold_proba(one_nn, X, y, "cancer", folds=5, seed=0)
+    assert oof.shape == (len(y),)
+    # a leak-free OOF model only saw the twin (opposite label) or neither; a leaky one
+    # would reproduce every label exactly.
+    agree = (oof == y_bin).mean()
+    assert agree < 0.5
+    assert roc_auc_score(y_bin, oof) < 0.5
+
+
+def test_out_of_fold_uses_pseudo_labels_for_training_but_never_scores_them():
+    X, y = _twins(n_pairs=20, seed=1)
+    one_nn = Pipeline([("scale", StandardScaler()), ("clf", KNeighborsClassifier(1))])
+    # pseudo-labelled copies of the labelled points with their true labels: if they are
+    # added to every training fold, the 1-NN finds each point's exact copy.
+    oof = out_of_fold_proba(one_nn, X, y, "cancer", folds=4, seed=0,
+                            X_ps=X.copy(), y_ps=y.copy(), w_ps=np.ones(len(y)))
+    assert oof.shape == (len(y),)
+    np.testing.assert_array_equal(oof, (y == "cancer").astype(float))
+
+
+def test_out_of_fold_reduces_folds_for_a_small_class():
+    X, y = _labelled(n=40, seed=8)
+    keep = np.r_[np.flatnonzero(y == "normal"), np.flatnonzero(y == "cancer")[:3]]
+    oof = out_of_fold_proba(make_classifier("logreg"), X[keep], y[keep], "cancer",
+                            folds=10, seed=0)
+    assert oof.shape == (len(keep),) and ((oof > 0) & (oof < 1)).all()
+
+
+def test_out_of_fold_is_seeded():
+    X, y = _labelled(seed=9)
+    a = out_of_fold_proba(make_classifier("logreg"), X, y, "cancer", 5, seed=3)
+    b = out_of_fold_proba(make_classifier("logreg"), X, y, "cancer", 5, seed=3)
+    c = out_of_fold_proba(make_classifier("logreg"), X, y, "cancer", 5, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+# --------------------------------------------------------------------------- pseudo-labels
+
+
+def test_pseudo_weights_confidence_vs_uniform():
+    conf = np.array([0.8, 0.9, 0.97])
+    np.testing.assert_allclose(pseudo_weights(conf, "confidence", 0.5), [0.4, 0.45, 0.485])
+    np.testing.assert_allclose(pseudo_weights(conf, "uniform", 0.5), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(pseudo_weights(conf, "uniform", 1.0), [1, 1, 1])
+    assert pseudo_weights(np.array([]), "confidence", 0.5).shape == (0,)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_semi_supervised_with_no_pseudo_labels_equals_baseline(model):
+    X, y = _labelled(seed=10)
+    pipe = _small(model, random_state=0)
+    base = fit_weighted(pipe, X, y)
+    semi = fit_semi_supervised(pipe, X, y, X[:0], y[:0], np.zeros(0))
+    np.testing.assert_allclose(semi.predict_proba(X), base.predict_proba(X), atol=1e-9)
+
+
+def test_semi_supervised_pseudo_labels_change_the_model_and_weights_matter():
+    X, y = _labelled(n=60, seed=11, sep=0.8)
+    rng = np.random.default_rng(0)
+    X_ps = rng.normal(size=(40, X.shape[1]))
+    y_ps = np.array(["cancer"] * 40)  # all pseudo-labelled positive
+    pipe = make_classifier("logreg", C=1.0)
+    base = positive_proba(fit_weighted(pipe, X, y), X, "cancer").mean()
+    light = positive_proba(fit_semi_supervised(pipe, X, y, X_ps, y_ps, np.full(40, 0.1)),
+                           X, "cancer").mean()
+    heavy = positive_proba(fit_semi_supervised(pipe, X, y, X_ps, y_ps, np.full(40, 1.0)),
+                           X, "cancer").mean()
+    assert base < light < heavy
+
+
+def test_fit_weighted_does_not_modify_the_template():
+    X, y = _labelled(seed=12)
+    pipe = make_classifier("logreg")
+    fit_weighted(pipe, X, y)
+    assert not hasattr(pipe["clf"], "coef_")

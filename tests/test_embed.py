@@ -289,3 +289,24 @@ def test_kill_mid_write_never_leaves_a_partial_file(tmp_path, repo_root):
     assert got_rows["id"].tolist() == rows["id"].tolist()
     np.testing.assert_array_equal(X, emb.transform(paths))
     assert not list(out.parent.glob(".embeddings.parquet.*.tmp"))
+
+
+def test_fast_path_matches_plain_torchvision_forward(images):
+    """Fused BN + channels-last + our preprocessing = the textbook model on the same input."""
+    emb = Embedder("random", seed=11, image_size=40, batch_size=4).fit()
+    got = emb.transform(images)
+    torch.manual_seed(11)
+    ref = resnet18(weights=None)
+    ref.fc = torch.nn.Identity()
+    ref.eval()
+    x = []
+    for p in images:
+        grey = np.asarray(Image.open(p).convert("L").resize((40, 40), Image.Resampling.BILINEAR),
+                          dtype=np.float32) / 255.0
+        t = torch.from_numpy(grey)[None].expand(3, -1, -1)
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        x.append((t - mean) / std)
+    with torch.no_grad():
+        want = ref(torch.stack(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

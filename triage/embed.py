@@ -157,10 +157,41 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def bf16_is_fast(device: str) -> bool:
+    """bf16 pays off on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere
+    CPU autocast emulates it and is several times *slower* than fp32."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
+        return "bf16" if bf16_is_fast(device) else "fp32"
     return precision
+
+
+def fuse_batchnorm(model):
+    """Fold every eval-mode BatchNorm into the preceding conv (fewer passes over memory).
+
+    Inference-only and exact up to float rounding; the fingerprint records it.
+    """
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.conv1 = fuse_conv_bn_eval(model.conv1, model.bn1)
+    model.bn1 = torch.nn.Identity()
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
+            block.bn1 = torch.nn.Identity()
+            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
+            block.bn2 = torch.nn.Identity()
+            if block.downsample is not None:
+                block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])
+    return model
 
 
 def fingerprint(weights_info: dict, image_size: int, precision: str) -> dict:
@@ -173,6 +204,7 @@ def fingerprint(weights_info: dict, image_size: int, precision: str) -> dict:
         "preprocess": PREPROCESS.format(s=image_size),
         "image_size": image_size,
         "precision": precision,
+        "fused_batchnorm": True,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }
@@ -197,7 +229,7 @@ class Embedder:
         self.precision_ = resolve_precision(self.precision, self.device_)
         model, info = build_backbone(self.weights, seed=self.seed,
                                      weights_sha256=self.weights_sha256)
-        self.model_ = model.to(self.device_).to(memory_format=torch.channels_last)
+        self.model_ = fuse_batchnorm(model).to(self.device_).to(memory_format=torch.channels_last)
         self.fingerprint_ = fingerprint(info, self.image_size, self.precision_)
         return self
 

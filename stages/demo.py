@@ -2,6 +2,7 @@
 
 With data.source != demo it writes an empty layout, so the DAG is the same for both sources.
 """
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def main() -> None:
         pool = generate_demo(OUT, n_labeled=d["n_labeled"], n_unlabeled=d["n_unlabeled"],
                              n_test=d["n_test"], prevalence=d["prevalence"],
                              image_size=d["image_size"], difficulty=d["difficulty"],
-                             benign_mass_rate=d["benign_mass_rate"], seed=data["seed"])
+                             benign_mass_rate=d["benign_mass_rate"], seed=data["seed"],
+                             workers=os.cpu_count() or 1)  # bytes do not depend on workers
         # Keyed by content hash (the image id) so it joins with any manifest.
         truth = pd.DataFrame({"id": [sha256_file(OUT / p) for p in pool["path"]],
                               "label": pool["label"].tolist()})

@@ -8,14 +8,13 @@ import pandas as pd  # noqa: E402
 
 from triage.cluster import PoolClusterer, cluster_purity, cluster_quality  # noqa: E402
 from triage.embed import read_embeddings  # noqa: E402
-from triage.io import open_live, run_stage, write_csv, write_parquet  # noqa: E402
-from triage.models import save_model  # noqa: E402
+from triage.io import open_live, run_stage, write_csv, write_json, write_parquet  # noqa: E402
 from triage.params import load_params  # noqa: E402
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
 CLUSTERS = Path("data/cluster/clusters.csv")
-MODEL = Path("data/cluster/clusterer.skops")
+MODEL = Path("data/cluster/clusterer.json")
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
 
     write_parquet(assignments, ASSIGNMENTS)
     write_csv(purity, CLUSTERS)
-    save_model({"model": model, "embedding_fingerprint": fp.get("fingerprint", "")}, MODEL)
+    write_json({**model.to_dict(), "embedding_fingerprint": fp.get("fingerprint", "")}, MODEL)
     with open_live("cluster") as live:
         for key, value in quality.items():
             if pd.notna(value):

@@ -6,17 +6,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triage.embed import Embedder, load_reusable, write_embeddings  # noqa: E402
+from triage.errors import PipelineError  # noqa: E402
 from triage.io import open_live, read_parquet, run_stage, write_json  # noqa: E402
 from triage.params import load_params  # noqa: E402
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 OUT = Path("data/features/embeddings.parquet")
 RUNTIME = Path("metrics/runtime/embed.json")
+WEIGHTS_DIR = Path("data/weights")
 
 
 def main() -> None:
     e = load_params()["embed"]
     rows = read_parquet(CLEAN, "clean manifest")
+    if e["weights"] not in ("random", "imagenet"):
+        # Only files under data/weights/ are a declared dependency of this stage: a file
+        # elsewhere could change without DVC re-running the embedding.
+        weights = Path(e["weights"]).resolve()
+        if WEIGHTS_DIR.resolve() not in weights.parents:
+            raise PipelineError(f"embed.weights: put the weights file under {WEIGHTS_DIR}/ "
+                                f"(a dependency of this stage, tracked with `dvc add`); got "
+                                f"{e['weights']}")
     embedder = Embedder(e["weights"], seed=e["seed"], weights_sha256=e["weights_sha256"] or None,
                         image_size=e["image_size"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],

@@ -1,4 +1,9 @@
-"""Stage `qc`: full decode + checks → data/qc/manifest_clean.parquet and data/qc/quarantine.csv."""
+"""Stage `qc`: full decode + checks → data/qc/manifest_clean.parquet, data/qc/quarantine.csv,
+reports/qc.html (data-quality dashboard) and metrics/qc/metrics.json.
+
+Logs counts only: image paths belong in the CSV and the HTML, not in logs.
+"""
+import logging
 import sys
 from pathlib import Path
 
@@ -7,25 +12,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triage.io import open_live, read_parquet, run_stage, write_csv, write_parquet  # noqa: E402
 from triage.params import load_params  # noqa: E402
 from triage.qc import run_qc  # noqa: E402
+from triage.qc_report import write_html  # noqa: E402
 
 MANIFEST = Path("data/prepared/manifest.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")
 QUARANTINE = Path("data/qc/quarantine.csv")
+REPORT = Path("reports/qc.html")
+
+log = logging.getLogger("triage.qc")
 
 
 def main() -> None:
     q = load_params()["qc"]
     manifest = read_parquet(MANIFEST, "manifest")
-    report = run_qc(manifest, min_side=q["min_side"], max_pixels=q["max_pixels"],
-                    min_std=q["min_std"], max_aspect=q["max_aspect"],
-                    leakage_policy=q["leakage_policy"], workers=q["workers"])
+    log.info("qc: %d images to check", len(manifest))
+    report = run_qc(manifest, **q)
     write_parquet(report.clean, CLEAN)
     write_csv(report.quarantine, QUARANTINE)
+    write_html(report, REPORT)
     with open_live("qc") as live:
         for key, value in report.stats.items():
             live.log_metric(key, value, plot=False)
-    print(f"qc: {report.stats['n_passed']} passed, {report.stats['n_quarantined']} quarantined "
-          f"(see {QUARANTINE})")
+    s = report.stats
+    reasons = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in s.items() if k.startswith("reason/"))
+    print(f"qc: {s['n_images']} in = {s['n_passed']} passed + {s['n_quarantined']} quarantined"
+          f"{' (' + reasons + ')' if reasons else ''}; {s['n_noted']} kept with a note; "
+          f"{s['exact_duplicate_groups']} exact / {s['near_duplicate_groups']} near-duplicate groups; "
+          f"{s['leaked_test_images']} leaked test images (see {QUARANTINE}, {REPORT})")
 
 
 if __name__ == "__main__":

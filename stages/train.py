@@ -39,7 +39,7 @@ def main() -> None:
     w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
                           t["pseudo_weight_scale"])
 
-    pipe = make_classifier(t["model"], t["C"], t["class_weight"], t["seed"])
+    pipe = make_classifier(t["model"], t["C"], t["class_weight"], t["seed"], t["calibration"])
     fitted = {
         "baseline": fit_weighted(pipe, X_lab, y_lab),
         "semi_supervised": fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps),

@@ -245,3 +245,14 @@ def test_pseudo_label_quality_empty_inputs():
     assert pseudo_label_quality(empty, truth, ["cancer", "normal"]) == {}
     other = pd.DataFrame({"id": ["z"], "label": ["cancer"], "confidence": 1.0, "strategy": "x"})
     assert pseudo_label_quality(other, truth, ["cancer", "normal"]) == {}
+
+
+def test_clusterer_json_roundtrip_predicts_identically():
+    import json
+
+    X, _ = make_blobs(n_samples=120, centers=3, n_features=10, random_state=3)
+    model = PoolClusterer(n_components=5, k=3, random_state=0).fit(X)
+    again = PoolClusterer.from_dict(json.loads(json.dumps(model.to_dict())))
+    new = X + 0.01
+    assert (again.predict(new) == model.predict(new)).all()
+    np.testing.assert_array_equal(again.transform(new), model.transform(new))

@@ -267,3 +267,22 @@ def test_fit_weighted_does_not_modify_the_template():
     pipe = make_classifier("logreg")
     fit_weighted(pipe, X, y)
     assert not hasattr(pipe["clf"], "coef_")
+
+
+def test_sigmoid_calibration_improves_an_overconfident_model(tmp_path):
+    """Platt scaling pulls an overfit logistic regression's probabilities back to reality."""
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 40))
+    y = np.where(X[:, 0] + rng.normal(scale=1.5, size=400) > 0, "cancer", "normal")
+    raw = fit_weighted(make_classifier("logreg", C=100.0), X[:150], y[:150])
+    cal = fit_weighted(make_classifier("logreg", C=100.0, calibration="sigmoid"), X[:150], y[:150])
+    yt = (y[150:] == "cancer").astype(int)
+    b_raw = brier_score_loss(yt, positive_proba(raw, X[150:], "cancer"))
+    b_cal = brier_score_loss(yt, positive_proba(cal, X[150:], "cancer"))
+    assert b_cal < b_raw
+    save_model({"model": cal}, tmp_path / "c.skops")
+    again = load_model(tmp_path / "c.skops")["model"]
+    np.testing.assert_allclose(positive_proba(again, X[:5], "cancer"),
+                               positive_proba(cal, X[:5], "cancer"))

@@ -133,16 +133,29 @@ def test_forced_repro_gives_identical_lock(demo_repo):
     assert (repo / "dvc.lock").read_text() == before
 
 
-def test_train_param_change_reruns_only_downstream(demo_repo):
+def test_train_param_change_reruns_only_downstream_and_review_shows_it(demo_repo):
     repo, env, _ = demo_repo
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
+    run(["git", "branch", "-f", "base"], repo, env)
+    run(["git", "checkout", "-qb", "feature"], repo, env)
     set_params(repo, {"train.C": 0.5})
     assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 1
     out = run(["dvc", "repro"], repo, env)
     assert ran_stages(out.stdout) == ["train", "evaluate"]
-    diff = run(["dvc", "params", "diff", "--md"], repo, env).stdout
-    assert "train.C" in diff
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "C=0.5"], repo, env)
+
+    report = run(["bash", "scripts/review.sh", "base"], repo, env).stdout
+    assert report.startswith("# Pipeline review: workspace vs `base`")
+    assert "`dvc status` is clean" in report
+    params = report[report.index("## Params"):report.index("## Plots")]
+    assert "train.C" in params and "0.1" in params and "0.5" in params
+    metrics = report[report.index("## Metrics"):report.index("## Params")]
+    assert "metrics/evaluate/metrics.json" in metrics
+    assert "baseline.roc_auc" in metrics or "semi_supervised.roc_auc" in metrics
+    assert "qc/metrics.json" not in metrics  # QC did not re-run: nothing changed there
+    assert (repo / "dvc_plots/roc.png").is_file() and "dvc_plots/roc.png" in report
 
 
 def _img(path: Path, rng, size=48):

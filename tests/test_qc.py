@@ -53,21 +53,23 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo") / "raw"
     lay = F.make_layout(root, n_unlabeled=4, n_test={"cancer": 2, "normal": 2})
     u = root / "unlabeled"
+    # seeds >= 1000: make_layout uses 1, 2, ... and the same seed would make a true
+    # near-duplicate (pHash) of a layout image
     files = {
         "zero": F.write_zero_byte(u / "zero.png"),
-        "truncated": F.write_truncated_jpeg(u / "truncated.jpg", seed=11),
+        "truncated": F.write_truncated_jpeg(u / "truncated.jpg", seed=1011),
         "text": F.write_text_as_image(u / "notes.png"),
-        "rgba": F.write_rgba_png(u / "rgba.png", seed=12),
-        "deep16": F.write_16bit_png(u / "deep16.png", seed=13),
-        "palette": F.write_palette_png(u / "palette.png", seed=14),
-        "tiny": F.write_tiny(u / "tiny.png", seed=15),
-        "wide": F.write_png(u / "wide.png", size=(200, 40), seed=16),
+        "rgba": F.write_rgba_png(u / "rgba.png", seed=1012),
+        "deep16": F.write_16bit_png(u / "deep16.png", seed=1013),
+        "palette": F.write_palette_png(u / "palette.png", seed=1014),
+        "tiny": F.write_tiny(u / "tiny.png", seed=1015),
+        "wide": F.write_png(u / "wide.png", size=(200, 40), seed=1016),
         "blank": F.write_blank(u / "blank.png"),
-        "png_as_jpg": F.write_png_named_jpg(u / "really_png.jpg", seed=17),
-        "jpeg": F.write_jpeg(u / "fine.jpg", seed=18),
-        "rgb": F.write_png(u / "colour.png", mode="RGB", seed=19),
+        "png_as_jpg": F.write_png_named_jpg(u / "really_png.jpg", seed=1017),
+        "jpeg": F.write_jpeg(u / "fine.jpg", seed=1018),
+        "rgb": F.write_png(u / "colour.png", mode="RGB", seed=1019),
     }
-    bad_name = F.write_non_utf8_name(u, seed=20)
+    bad_name = F.write_non_utf8_name(u, seed=1020)
     manifest, report = qc(root)
     return {"root": root, "layout": lay, "files": files, "bad_name": bad_name,
             "manifest": manifest, "report": report}
@@ -401,3 +403,215 @@ def test_inspect_image_measures_independently_computed_stats(tmp_path):
     res = inspect_image(str(p), 10_000)
     assert res["decode_error"] is None and res["note"] is None
     assert res["mean"] == pytest.approx(arr.mean()) and res["std"] == pytest.approx(arr.std())
+
+
+# --------------------------------------------------------------------------- issue #3 additions
+
+
+def test_empty_class_folder_is_a_clear_structural_error(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=1)
+    (lay["root"] / "labeled" / "normal_empty").mkdir()
+    with pytest.raises(DataError, match="empty class folder"):
+        build_manifest(lay["root"], "cancer", 0.25, 0)
+
+
+@pytest.mark.parametrize("writer,mode", [
+    (F.write_rgba_png, "RGBA"), (F.write_16bit_png, "I;16"), (F.write_palette_png, "P"),
+])
+def test_convert_modes_false_rejects_unusual_modes(tmp_path, writer, mode):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=1, n_test={"cancer": 1, "normal": 1})
+    odd = writer(lay["root"] / "unlabeled" / "odd.png", seed=5000)
+    rgb = F.write_png(lay["root"] / "unlabeled" / "rgb.png", mode="RGB", seed=5001)
+    _, r = qc(lay["root"], convert_modes=False)
+    assert reason_of(r, odd) == "unsupported_mode"
+    assert f"mode {mode}" in detail_of(r, odd) and "qc.convert_modes=false" in detail_of(r, odd)
+    assert reason_of(r, rgb) is None
+    _, r = qc(lay["root"], convert_modes=True)
+    assert reason_of(r, odd) is None and f"mode {mode} converted to L" in note_of(r, odd)
+
+
+def test_unsupported_mode_does_not_hide_a_truncated_file(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=1, n_test={"cancer": 1, "normal": 1})
+    t = F.write_truncated_jpeg(lay["root"] / "unlabeled" / "t.jpg", seed=5002)
+    _, r = qc(lay["root"], convert_modes=False)
+    assert reason_of(r, t) == "decode_error"
+
+
+def test_size_outliers_vs_the_median_are_noted_or_quarantined(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=6, n_test={"cancer": 1, "normal": 1},
+                        size=(64, 64))
+    big = F.write_png(lay["root"] / "unlabeled" / "big.png", size=(300, 300), seed=5003)
+    small = F.write_png(lay["root"] / "unlabeled" / "small.png", size=(40, 40), seed=5004)
+    near = F.write_png(lay["root"] / "unlabeled" / "near.png", size=(200, 200), seed=5005)
+    _, r = qc(lay["root"])  # policy note (default): kept, explained
+    assert r.quarantine.empty
+    assert "size outlier: 300x300 vs median 64x64" in note_of(r, big)
+    assert "qc.size_outlier_factor=0.25" in note_of(r, big)
+    assert pd.isna(note_of(r, small)) and pd.isna(note_of(r, near))  # 40 > 16, 200 < 256
+    assert r.stats["size/outliers"] == 1 and r.stats["notes/size_outlier"] == 1
+    assert r.stats["size/distinct"] == 4
+    _, r = qc(lay["root"], size_outlier_policy="quarantine", size_outlier_factor=0.5)
+    assert reason_of(r, big) == reason_of(r, near) == "size_outlier"
+    assert reason_of(r, small) is None  # 40 >= 0.5 x 64
+    assert r.stats["reason/size_outlier"] == 2
+
+
+# Near duplicates: smooth images (a 6x6 random grid, bicubic) and 2x upscaled PNG copies:
+# a different file, pixel size and byte content, the same picture (pHash distance <= 2).
+
+def smooth_image(seed, size=64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(20, 235, (6, 6), dtype=np.uint8)
+    return Image.fromarray(grid, "L").resize((size, size), Image.Resampling.BICUBIC)
+
+
+def write_smooth(path, seed, size=64) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    smooth_image(seed, size).save(path, format="PNG")
+    return path
+
+
+def write_upscaled_copy(src, dst) -> Path:
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.resize((im.width * 2, im.height * 2), Image.Resampling.BICUBIC).save(dst, format="PNG")
+    return dst
+
+
+@pytest.fixture
+def near(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_labeled={"cancer": 3, "normal": 3}, n_unlabeled=3,
+                        n_test={"cancer": 2, "normal": 2})
+    root = lay["root"]
+    lab = write_smooth(root / "labeled" / "cancer" / "s_lab.png", seed=7001)
+    return {"lay": lay, "root": root, "lab": lab}
+
+
+def test_phash_is_close_for_a_resized_copy_and_far_for_another_image(near, tmp_path):
+    from triage.images import phash64, to_grey_array
+    copy = write_upscaled_copy(near["lab"], tmp_path / "up.png")
+    other = write_smooth(tmp_path / "other.png", seed=7002)
+
+    def h(p):
+        with Image.open(p) as im:
+            return phash64(to_grey_array(im))
+    assert bin(h(near["lab"]) ^ h(copy)).count("1") <= 2
+    assert bin(h(near["lab"]) ^ h(other)).count("1") > 10
+
+
+def test_hamming_within_matches_brute_force():
+    from triage.images import hamming_within
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    # flip a few bits of some hashes to make close pairs
+    flips = base[:10] ^ np.array([1 << int(b) for b in rng.integers(0, 64, 10)], dtype=np.uint64)
+    h = np.concatenate([base, flips])
+    i, j, d = hamming_within(h, 3, block=7)
+    expected = {(a, b, bin(int(h[a]) ^ int(h[b])).count("1")) for a in range(len(h))
+                for b in range(a + 1, len(h)) if bin(int(h[a]) ^ int(h[b])).count("1") <= 3}
+    assert set(zip(i.tolist(), j.tolist(), d.tolist())) == expected
+    assert len(expected) >= 10
+
+
+def test_near_duplicate_is_reported_and_kept_by_default(near):
+    pool = write_upscaled_copy(near["lab"], near["root"] / "unlabeled" / "pool_copy.png")
+    _, r = qc(near["root"])
+    assert reason_of(r, pool) is None and reason_of(r, near["lab"]) is None
+    assert f"near-duplicate of {near['lab'].as_posix()}" in note_of(r, pool)
+    assert "qc.near_dup_hamming=2" in note_of(r, pool)
+    assert r.stats["near_duplicate_groups"] == 1 and r.stats["near_duplicate_images"] == 1
+    assert r.stats["notes/near_duplicate"] == 1 and r.stats["exact_duplicate_groups"] == 0
+    assert len(r.groups["near"]) == 1 and len(r.groups["near"][0]) == 2
+    assert r.clean["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
+
+
+def test_near_duplicate_policy_quarantine_keeps_the_training_copy(near):
+    pool = write_upscaled_copy(near["lab"], near["root"] / "unlabeled" / "a_pool_copy.png")
+    _, r = qc(near["root"], near_dup_policy="quarantine")
+    assert reason_of(r, pool) == "near_duplicate" and reason_of(r, near["lab"]) is None
+    assert near["lab"].as_posix() in detail_of(r, pool)
+
+
+def test_near_dup_threshold_zero_only_links_identical_hashes(near):
+    write_upscaled_copy(near["lab"], near["root"] / "unlabeled" / "pool_copy.png")
+    other = write_smooth(near["root"] / "unlabeled" / "other.png", seed=7003)
+    _, r = qc(near["root"], near_dup_hamming=64, near_dup_policy="report")
+    assert r.stats["near_duplicate_images"] >= 2  # 64 bits: everything is "near"
+    _, r = qc(near["root"], near_dup_hamming=0)
+    assert r.stats["near_duplicate_groups"] <= 1
+    assert pd.isna(note_of(r, other))
+
+
+@pytest.mark.parametrize("policy,expect", [("drop_test", "near_leakage"), ("keep", None)])
+def test_near_leakage_follows_the_leakage_policy_when_quarantining(near, policy, expect):
+    t = write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
+    _, r = qc(near["root"], near_dup_policy="quarantine", leakage_policy=policy)
+    assert reason_of(r, t) == expect
+    assert r.stats["near_leaked_test_images"] == 1
+    if expect is None:
+        assert "possible leakage" in note_of(r, t)
+    else:
+        assert "training/pool image" in detail_of(r, t)
+
+
+def test_near_leakage_fail_raises_when_quarantining(near):
+    write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
+    manifest, _ = build_manifest(near["root"], "cancer", 0.25, 0)
+    with pytest.raises(DataError, match="near-duplicate"):
+        run_qc(manifest, **{**QC, "leakage_policy": "fail", "near_dup_policy": "quarantine"})
+
+
+def test_near_leakage_is_only_reported_by_default(near):
+    t = write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
+    _, r = qc(near["root"], leakage_policy="fail")  # report: near matches never fail a run
+    assert reason_of(r, t) is None and "possible leakage" in note_of(r, t)
+    assert r.stats["near_leaked_test_images"] == 1 and r.stats["leaked_test_images"] == 0
+
+
+def test_near_duplicate_under_another_label_is_a_conflict(near):
+    other = write_upscaled_copy(near["lab"], near["root"] / "labeled" / "normal" / "flip.png")
+    _, r = qc(near["root"])
+    assert "filed under labels cancer, normal" in note_of(r, other)
+    assert r.stats["near_label_conflict_groups"] == 1
+    _, r = qc(near["root"], near_dup_policy="quarantine")
+    assert reason_of(r, other) == reason_of(r, near["lab"]) == "label_conflict"
+
+
+def test_leakage_kept_is_noted_and_exact_copies_join_the_near_group(near):
+    t = _copy(near["lab"], near["root"] / "test" / "cancer" / "exact.png")
+    up = write_upscaled_copy(near["lab"], near["root"] / "unlabeled" / "up.png")
+    _, r = qc(near["root"], leakage_policy="keep")
+    assert "leakage kept" in note_of(r, t)
+    group = r.groups["near"][0]
+    paths = set(r.frame.loc[group, "path"])
+    assert {near["lab"].as_posix(), t.as_posix(), up.as_posix()} == paths
+    assert r.stats["notes/leakage_kept"] == 1
+
+
+def test_metrics_have_intensity_per_split_and_class_and_shift(zoo):
+    s = zoo["report"].stats
+    c = zoo["report"].clean
+    for split in ("labeled", "test"):
+        for cls in ("cancer", "normal"):
+            part = c[(c["split"] == split) & (c["label"] == cls)]
+            assert s[f"intensity/{split}/{cls}/n"] == len(part)
+            assert s[f"intensity/{split}/{cls}/mean"] == pytest.approx(part["mean"].mean(), abs=1e-3)
+            assert s[f"intensity/{split}/{cls}/std"] == pytest.approx(part["std"].mean(), abs=1e-3)
+    assert s["intensity/unlabeled/all/n"] == s["passed/unlabeled"]
+    for key in ("shift/labeled_vs_unlabeled/ks_mean", "shift/labeled_vs_test/p_std"):
+        assert 0.0 <= s[key] <= 1.0
+    assert s["input_modes/RGBA"] == 1 and s["input_modes/P"] == 1 and s["input_modes/I;16"] == 1
+    assert s["notes/mode_converted"] == 3 and s["notes/format_mismatch"] == 1
+    assert set(zoo["report"].hist) == {"labeled", "unlabeled", "test"}
+    for h in zoo["report"].hist.values():
+        assert len(h) == 32 and sum(h) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bad_params_are_refused(small):
+    manifest, _ = build_manifest(small["root"], "cancer", 0.25, 0)
+    from triage.errors import PipelineError
+    for bad in ({"near_dup_policy": "drop"}, {"size_outlier_policy": "x"}, {"leakage_policy": "x"}):
+        with pytest.raises(PipelineError, match="qc."):
+            run_qc(manifest, **{**QC, **bad})

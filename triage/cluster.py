@@ -42,6 +42,37 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.kmeans_.predict(self.transform(X))
 
+    # Plain-JSON persistence: no code runs on load, and it avoids importing skops (which
+    # scans all of scikit-learn, seconds per stage) for a model this simple.
+    def to_dict(self) -> dict:
+        scale, pca, km = self.reducer_["scale"], self.reducer_["pca"], self.kmeans_
+        return {"params": self.get_params(),
+                "scale_mean": scale.mean_.tolist(), "scale_scale": scale.scale_.tolist(),
+                "pca_mean": pca.mean_.tolist(), "pca_components": pca.components_.tolist(),
+                "explained_variance": self.explained_variance_,
+                "centers": km.cluster_centers_.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PoolClusterer":
+        """Rebuild a fitted clusterer whose transform/predict equal the saved one's."""
+        self = cls(**d["params"])
+        scale = StandardScaler()
+        scale.mean_, scale.scale_ = np.asarray(d["scale_mean"]), np.asarray(d["scale_scale"])
+        scale.var_ = scale.scale_ ** 2
+        scale.n_features_in_ = len(scale.mean_)
+        pca = PCA(n_components=len(d["pca_components"]))
+        pca.mean_, pca.components_ = np.asarray(d["pca_mean"]), np.asarray(d["pca_components"])
+        pca.n_components_, pca.n_features_in_ = len(pca.components_), len(pca.mean_)
+        pca.whiten = False
+        self.reducer_ = Pipeline([("scale", scale), ("pca", pca)])
+        centers = np.asarray(d["centers"])
+        km = KMeans(n_clusters=len(centers))
+        km.cluster_centers_, km.n_features_in_ = centers, centers.shape[1]
+        km._n_threads = 1
+        self.kmeans_ = km
+        self.explained_variance_ = d["explained_variance"]
+        return self
+
 
 def cluster_quality(Z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
     """Label-free proxies; silhouette on a seeded sample to stay fast on big pools."""

@@ -1,0 +1,51 @@
+"""Stage `report`: error analysis page and model card, regenerated every run."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triage.embed import read_embeddings  # noqa: E402
+from triage.io import atomic_path, read_parquet, run_stage  # noqa: E402
+from triage.params import load_params  # noqa: E402
+from triage.report import error_table, render_errors_html, render_model_card  # noqa: E402
+
+EMBEDDINGS = Path("data/features/embeddings.parquet")
+CLEAN = Path("data/qc/manifest_clean.parquet")
+ASSIGNMENTS = Path("data/cluster/assignments.parquet")
+PREDICTIONS = Path("data/evaluate/test_predictions.parquet")
+METRICS = ("evaluate", "qc", "pseudo_label", "train", "embed")
+ERRORS_HTML = Path("reports/errors.html")
+MODEL_CARD = Path("reports/model_card.md")
+
+
+def main() -> None:
+    params = load_params()
+    positive = params["data"]["positive_class"]
+    rows, X, _ = read_embeddings(EMBEDDINGS)
+    paths = read_parquet(CLEAN, "clean manifest").drop_duplicates("id").set_index("id")["path"]
+    rows["path"] = rows["id"].map(paths)
+    clusters = read_parquet(ASSIGNMENTS, "cluster assignments")
+    clusters = clusters.drop_duplicates("id").set_index("id")["cluster"]
+    preds = read_parquet(PREDICTIONS, "test predictions")
+    metrics = {s: json.loads(Path(f"metrics/{s}/metrics.json").read_text()) for s in METRICS}
+    embed_params = Path("metrics/embed/params.yaml")
+    if embed_params.is_file():
+        import yaml
+
+        metrics["embed"].update(yaml.safe_load(embed_params.read_text()) or {})
+    thresholds = {m: metrics["evaluate"][m]["threshold"] for m in ("semi_supervised", "baseline")}
+    errors = {m: error_table(preds[preds["model"] == m], rows, X, clusters, positive, thr)
+              for m, thr in thresholds.items()}
+    html = render_errors_html(errors, thresholds, metrics["evaluate"]["n_test"], positive)
+    with atomic_path(ERRORS_HTML) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    with atomic_path(MODEL_CARD) as tmp:
+        tmp.write_text(render_model_card(params, metrics, errors["semi_supervised"]),
+                       encoding="utf-8")
+    n = {m: len(e) for m, e in errors.items()}
+    print(f"report: {ERRORS_HTML} ({n['semi_supervised']} semi-supervised errors), {MODEL_CARD}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,201 @@
+"""The QC HTML dashboard: self-contained, escaped, complete, capped, deterministic; and the
+stage writes it (with counts, not paths, in its log). Parsed with the stdlib HTML parser;
+rendered in headless Chromium when /usr/bin/chromium exists."""
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import imagefactory as F
+from test_qc import QC, _copy, write_smooth, write_upscaled_copy
+from triage.io import write_parquet
+from triage.prepare import build_manifest
+from triage.qc import run_qc
+from triage.qc_report import render_html, write_html
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Page(HTMLParser):
+    """Collects tags, attributes and visible text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.imgs, self.text, self.ids, self.links = [], [], [], set(), []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(a)
+        if "id" in a:
+            self.ids.add(a["id"])
+        for key in ("href", "src"):
+            if key in a and tag != "img":
+                self.links.append(a[key])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    @property
+    def body(self) -> str:
+        return " ".join(self.text)
+
+
+def parse(html: str) -> Page:
+    p = Page()
+    p.feed(html)
+    p.close()
+    return p
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    lay = F.make_layout(tmp / "raw", n_labeled={"cancer": 5, "normal": 5}, n_unlabeled=5,
+                        n_test={"cancer": 3, "normal": 3})
+    root, u = lay["root"], lay["root"] / "unlabeled"
+    F.write_zero_byte(u / "zero.png")
+    F.write_truncated_jpeg(u / "trunc.jpg", seed=9001)
+    F.write_text_as_image(u / "notes.png")
+    F.write_tiny(u / "tiny.png", seed=9002)
+    F.write_png(u / "wide.png", size=(200, 40), seed=9003)
+    F.write_blank(u / "blank.png")
+    F.write_rgba_png(u / "rgba.png", seed=9004)
+    F.write_png_named_jpg(u / "png.jpg", seed=9005)
+    # a PNG named .jpg (so it is listed with a note) whose name is markup: must come out escaped
+    F.write_png_named_jpg(u / "<b onclick=x>&'y.jpg", seed=9006)
+    _copy(lay["labeled"]["cancer"][0], u / "dup.png")
+    _copy(lay["labeled"]["normal"][0], root / "test" / "normal" / "leak.png")
+    src = write_smooth(root / "labeled" / "cancer" / "smooth.png", seed=9007)
+    write_upscaled_copy(src, u / "near.png")
+    manifest, _ = build_manifest(root, "cancer", 0.25, 0)
+    report = run_qc(manifest, **QC)
+    return {"root": root, "report": report, "html": render_html(report)}
+
+
+def test_every_quarantine_reason_and_section_is_on_the_page(messy):
+    r, page = messy["report"], parse(messy["html"])
+    reasons = set(r.quarantine["reason"])
+    assert reasons >= {"zero_byte", "decode_error", "not_an_image", "too_small",
+                       "aspect_outlier", "blank", "duplicate", "leakage"}
+    for why in reasons:
+        assert why in page.body
+    assert {"summary", "splits", "reasons", "quarantined", "noted", "exact", "near",
+            "intensity", "shift"} <= page.ids
+    assert "svg" in page.tags and "polyline" in page.tags  # histograms drawn inline
+
+
+def test_summary_counts_match_the_stats(messy):
+    r, html = messy["report"], messy["html"]
+    s = r.stats
+    assert (f"Invariant: {s['n_images']} images in = {s['n_passed']} passed + "
+            f"{s['n_quarantined']} quarantined") in html
+    for why, n in r.quarantine["reason"].value_counts().items():
+        assert f"<td>{why}</td><td class=\"n\">{n}</td>" in html
+    assert f"Quarantined images ({len(r.quarantine)})" in html
+    assert f"Exact duplicate groups (same bytes) ({s['exact_duplicate_groups']})" in html
+    assert f"Near-duplicate groups (perceptual hash) ({s['near_duplicate_groups']})" in html
+    assert s["near_duplicate_groups"] == 1
+
+
+def test_page_is_self_contained_with_small_png_thumbnails(messy):
+    page = parse(messy["html"])
+    assert page.imgs, "no thumbnails"
+    for img in page.imgs:
+        assert img["src"].startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+        assert im.format == "PNG" and max(im.size) <= 96
+    assert not [link for link in page.links if not link.startswith(("#", "data:"))]
+    assert "http://" not in messy["html"].replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in messy["html"]
+    assert "<link" not in messy["html"] and "<script" not in messy["html"]
+
+
+def test_text_is_escaped(messy):
+    html = messy["html"]
+    assert "&lt;b onclick=x&gt;&amp;&#x27;y.jpg" in html
+    assert "<b onclick" not in html
+
+
+def test_undecodable_images_get_no_preview_not_a_decode(messy):
+    assert "no preview" in messy["html"]
+
+
+def test_thumbnail_cap_says_how_many_were_left_out(messy):
+    html = render_html(messy["report"], max_thumbs=2, max_groups=0)
+    n = len(messy["report"].quarantine)
+    assert f"{n - 2} more quarantined images not shown" in html
+    assert "more groups not shown" in html
+    page = parse(html)
+    assert len(page.imgs) <= 4
+
+
+def test_rendering_is_deterministic(messy):
+    assert render_html(messy["report"]) == messy["html"]
+
+
+def test_write_html_is_utf8_file(messy, tmp_path):
+    out = tmp_path / "reports" / "qc.html"
+    write_html(messy["report"], out)
+    assert out.read_text(encoding="utf-8") == messy["html"]
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
+def test_renders_in_headless_chromium(messy, tmp_path):
+    out = tmp_path / "qc.html"
+    write_html(messy["report"], out)
+    res = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert "QC data-quality report" in dom and "Quarantined images" in dom
+    assert dom.count("data:image/png;base64,") == messy["html"].count("data:image/png;base64,")
+
+
+def test_stage_writes_outputs_and_logs_counts_not_paths(tmp_path):
+    """Run stages/qc.py in a scratch working directory: outputs, metrics, report; no paths in logs."""
+    lay = F.make_layout(tmp_path / "data" / "raw", n_unlabeled=3, n_test={"cancer": 2, "normal": 2})
+    F.write_truncated_jpeg(lay["root"] / "unlabeled" / "secret_patient_name.jpg", seed=9100)
+    _copy(lay["labeled"]["cancer"][0], lay["root"] / "test" / "cancer" / "leaky_patient.png")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        manifest, _ = build_manifest(Path("data/raw"), "cancer", 0.25, 0)
+    finally:
+        os.chdir(cwd)
+    write_parquet(manifest, tmp_path / "data/prepared/manifest.parquet")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.pop("DVCLIVE_TEST", None)  # the stage must log for real (as in test_pipeline.py)
+    res = subprocess.run([sys.executable, str(ROOT / "stages" / "qc.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    log = res.stdout + res.stderr
+    assert "patient" not in log and "data/raw" not in log and ".png" not in log
+    assert "quarantined" in log
+    quarantine = (tmp_path / "data/qc/quarantine.csv").read_text()
+    assert "secret_patient_name.jpg,decode_error" in quarantine
+    assert "leaky_patient.png,leakage" in quarantine
+    assert (tmp_path / "data/qc/manifest_clean.parquet").is_file()
+    html = (tmp_path / "reports/qc.html").read_text()
+    assert "secret_patient_name.jpg" in html and "decode_error" in html
+    import json
+    metrics = json.loads((tmp_path / "metrics/qc/metrics.json").read_text())
+    assert metrics["n_images"] == metrics["n_passed"] + metrics["n_quarantined"] == len(manifest)
+    assert metrics["reason"]["leakage"] == 1 and "intensity" in metrics and "notes" in metrics

@@ -4,13 +4,13 @@ rendered in headless Chromium when /usr/bin/chromium exists."""
 import base64
 import io
 import os
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import dump_dom, needs_chromium
 import yaml
 from PIL import Image
 
@@ -149,20 +149,11 @@ def test_write_html_is_utf8_file(messy, tmp_path):
     assert out.read_text(encoding="utf-8") == messy["html"]
 
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
+@needs_chromium
 def test_renders_in_headless_chromium(messy, tmp_path):
     out = tmp_path / "qc.html"
     write_html(messy["report"], out)
-    res = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", out.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    dom = res.stdout
+    dom = dump_dom(out, tmp_path / "profile")
     assert "QC data-quality report" in dom and "Quarantined images" in dom
     assert dom.count("data:image/png;base64,") == messy["html"].count("data:image/png;base64,")
 

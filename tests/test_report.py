@@ -4,6 +4,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+from browser import dump_dom, needs_chromium
 import yaml
 from PIL import Image
 
@@ -104,3 +105,16 @@ def test_model_card_reports_metrics_with_cis(scene, repo_root):
     assert "0.810 (0.750–0.860)" in card and "93.0 % (88.0–96.0)" in card
     assert "not a diagnosis" in card.lower() or "never a diagnosis" in card.lower()
     assert "2 missed cancer images" in card
+
+
+@needs_chromium
+def test_errors_page_renders_in_headless_chromium(scene, tmp_path):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    page = tmp_path / "errors.html"
+    page.write_text(render_errors_html({"semi_supervised": err}, {"semi_supervised": 0.5}, 6,
+                                       "cancer"), encoding="utf-8")
+    dom = dump_dom(page, tmp_path / "profile")
+    assert "Error analysis on the held-out test set" in dom
+    assert dom.count('data-kind="false negative"') == 2
+    assert dom.index("false negative") < dom.index('data-kind="false positive"')

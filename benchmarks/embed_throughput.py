@@ -8,6 +8,7 @@ noisy shared machine; absolute img/s are not.
 
     python benchmarks/embed_throughput.py                 # speed, last line "speedup X.XXx"
     python benchmarks/embed_throughput.py --rss 10000 50000   # peak RSS vs number of images
+    python benchmarks/embed_throughput.py --compare-precision # bf16 vs fp32 vectors and AUC
 
 Images: the first N of ../shared/datasets/brain_mri_4class when present (real JPEGs),
 else synthetic demo PNGs written to a temp dir.
@@ -156,6 +157,41 @@ def rss(args) -> None:
                   f"({time.perf_counter() - start:.0f} s)")
 
 
+def precision_compare(args) -> None:
+    """bf16 vs fp32 on the demo's labelled + test images: vector cosine and test ROC-AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from triage.demo import generate_demo
+    from triage.models import fit_weighted, make_classifier, positive_proba
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "demo"
+        generate_demo(root, n_labeled=100, n_unlabeled=0, n_test=300, seed=0, workers=2)
+        files = sorted(root.rglob("*.png"))
+        paths = [str(p) for p in files]
+        split = np.array([p.relative_to(root).parts[0] for p in files])
+        label = np.array([p.parent.name for p in files])
+        vec, secs = {}, {}
+        for prec in ("fp32", "bf16"):
+            from triage.embed import Embedder
+
+            emb = Embedder("random", seed=42, image_size=128, batch_size=64, precision=prec).fit()
+            secs[prec], vec[prec] = timed(emb.transform, paths)
+        a, b = vec["fp32"], vec["bf16"]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        lab, test = split == "labeled", split == "test"
+        y = (label[test] == "cancer").astype(int)
+        auc = {}
+        for prec, X in vec.items():
+            model = fit_weighted(make_classifier("logreg", C=0.1), X[lab], label[lab])
+            auc[prec] = roc_auc_score(y, positive_proba(model, X[test], "cancer"))
+        print(f"bf16 native on this CPU: {__import__('torch').ops.mkldnn._is_mkldnn_bf16_supported()}")
+        for prec in ("fp32", "bf16"):
+            print(f"{prec}: {len(paths) / secs[prec]:6.1f} img/s, baseline test ROC-AUC {auc[prec]:.4f}")
+        print(f"mean cosine(fp32, bf16) = {cos.mean():.5f} (min {cos.min():.5f}); "
+              f"AUC difference bf16 - fp32 = {auc['bf16'] - auc['fp32']:+.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=512, help="images for the speed comparison")
@@ -163,8 +199,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--rss", type=int, nargs="*", help="measure peak RSS at these stock sizes")
+    ap.add_argument("--compare-precision", action="store_true",
+                    help="bf16 vs fp32: vector cosine and downstream AUC on the demo")
     args = ap.parse_args()
-    if args.rss:
+    if args.compare_precision:
+        precision_compare(args)
+    elif args.rss:
         rss(args)
     else:
         speed(args)

@@ -1,4 +1,4 @@
-"""Stage `cluster`: scaler → PCA → KMeans fitted on labelled + unlabelled (never test)."""
+"""Stage `cluster`: scaler → PCA → KMeans | GMM | HDBSCAN fitted on labelled + unlabelled (never test)."""
 import sys
 from pathlib import Path
 
@@ -6,7 +6,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from triage.cluster import PoolClusterer, cluster_purity, cluster_quality  # noqa: E402
+from triage.cluster import (cluster_purity, cluster_quality, make_clusterer,  # noqa: E402
+                            projection_image)
 from triage.embed import read_embeddings  # noqa: E402
 from triage.io import open_live, run_stage, write_csv, write_json, write_parquet  # noqa: E402
 from triage.params import load_params  # noqa: E402
@@ -22,12 +23,18 @@ def main() -> None:
     c, positive = params["cluster"], params["data"]["positive_class"]
     rows, X, fp = read_embeddings(EMBEDDINGS)
     pool = rows["split"].isin(["labeled", "unlabeled"]).to_numpy()
-    model = PoolClusterer(n_components=c["pca_components"], k=c["k"], random_state=c["seed"])
-    model.fit(X[pool])
-    assignments = rows[["id", "split"]].assign(cluster=model.predict(X).astype("int32"))
-    quality = cluster_quality(model.transform(X[pool]), model.labels_, seed=c["seed"])
-    purity = cluster_purity(model.labels_, rows.loc[pool, "label"].where(
-        rows.loc[pool, "split"] == "labeled"), positive)
+    model = make_clusterer(c).fit(X[pool])
+    # Pool points keep their fitted cluster (HDBSCAN noise stays -1); test points are
+    # only ever assigned (nearest centre), never fitted.
+    assigned = model.predict(X)
+    assigned[pool] = model.labels_
+    assignments = rows[["id", "split"]].assign(cluster=assigned.astype("int32"))
+    Z = model.transform(X[pool])
+    clustered = model.labels_ >= 0
+    quality = cluster_quality(Z[clustered], model.labels_[clustered], seed=c["seed"])
+    known = rows.loc[pool, "label"].where(rows.loc[pool, "split"] == "labeled")
+    purity = cluster_purity(model.labels_, known, positive)
+    purity["labeled_coverage"] = (purity["n_labeled"] / purity["size"]).round(6)
 
     write_parquet(assignments, ASSIGNMENTS)
     write_csv(purity, CLUSTERS)
@@ -37,15 +44,30 @@ def main() -> None:
             if pd.notna(value):
                 live.log_metric(key, round(value, 6), plot=False)
         live.log_metric("explained_variance", round(model.explained_variance_, 6), plot=False)
-        live.log_metric("k", c["k"], plot=False)
-        with_labels = purity[purity["n_labeled"] > 0]
+        live.log_metric("k", int(model.k_), plot=False)
+        live.log_metric("noise_fraction", round(float((~clustered).mean()), 6), plot=False)
+        real = purity[purity["cluster"] >= 0]
+        with_labels = real[real["n_labeled"] > 0]
         live.log_metric("clusters_with_labels", int(len(with_labels)), plot=False)
         weighted = (with_labels["purity"] * with_labels["n_labeled"]).sum() / max(
             with_labels["n_labeled"].sum(), 1)
         live.log_metric("labeled_purity", round(float(weighted), 6), plot=False)
+        live.log_metric("pool_in_labeled_clusters", round(float(
+            real.loc[real["n_labeled"] > 0, "size"].sum() / max(int(pool.sum()), 1)), 6),
+            plot=False)
         live.log_plot("purity", purity.assign(purity=purity["purity"].fillna(0)),
                       x="purity", y="cluster", template="bar_horizontal",
                       title="Purity of each cluster (labelled points)")
+        live.log_plot("coverage", purity[["cluster", "labeled_coverage"]], x="labeled_coverage",
+                      y="cluster", template="bar_horizontal",
+                      title="Share of each cluster that is labelled")
+        sweep = model.sweep_ or [{"k": int(model.k_), "silhouette": quality["silhouette"]}]
+        live.log_plot("k_sweep", pd.DataFrame(sweep).fillna(0.0).round(6), x="k",
+                      y="silhouette", template="linear", title="Silhouette by k (cluster.k: auto)")
+        live.log_image("projection.png", projection_image(Z[:, :2], model.labels_,
+                                                          known, positive))
+    print(f"cluster: {c['method']} k={model.k_} silhouette={quality['silhouette']:.3f} "
+          f"explained_variance={model.explained_variance_:.3f}")
 
 
 if __name__ == "__main__":

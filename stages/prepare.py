@@ -15,7 +15,10 @@ DEMO_ROOT = "data/demo/raw"
 def main() -> None:
     data = load_params()["data"]
     root = DEMO_ROOT if data["source"] == "demo" else data["root"]
-    manifest, info = build_manifest(root, data["positive_class"], data["test_fraction"], data["seed"])
+    # Active-learning labels: <data.root>/annotations.csv in both modes (data.root is a dep).
+    annotations = Path(data["root"]) / "annotations.csv"
+    manifest, info = build_manifest(root, data["positive_class"], data["test_fraction"], data["seed"],
+                                    annotations=annotations)
     write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA)
     with open_live("prepare") as live:
         live.log_metric("n_files", len(manifest), plot=False)
@@ -26,6 +29,7 @@ def main() -> None:
                                                      & (manifest["label"] == cls)).sum()), plot=False)
         live.log_metric("n_unreadable", int(manifest["read_error"].notna().sum()), plot=False)
         live.log_metric("n_hidden_ignored", info["n_hidden_ignored"], plot=False)
+        live.log_metric("n_annotated", info["n_annotated"], plot=False)
         live.log_param("test_source", info["test_source"])
 
 

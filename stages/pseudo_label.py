@@ -1,4 +1,4 @@
-"""Stage `pseudo_label`: accept confident labels for pool images → data/pseudo/pseudo_labels.parquet."""
+"""Stage `pseudo_label`: label part of the pool → data/pseudo/pseudo_labels.parquet (id, label, confidence, strategy)."""
 import sys
 from pathlib import Path
 
@@ -8,8 +8,7 @@ from triage.embed import read_embeddings  # noqa: E402
 from triage.errors import PipelineError  # noqa: E402
 from triage.io import open_live, read_parquet, run_stage, write_parquet  # noqa: E402
 from triage.params import load_params  # noqa: E402
-from triage.pseudo import (ClusterVotePseudoLabeler, ConfidencePseudoLabeler,  # noqa: E402
-                           pseudo_label_quality)
+from triage.pseudo import pseudo_label_quality, run_strategy  # noqa: E402
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
@@ -19,24 +18,24 @@ OUT = Path("data/pseudo/pseudo_labels.parquet")
 
 def main() -> None:
     params = load_params()
-    p = params["pseudo"]
+    p, positive = params["pseudo"], params["data"]["positive_class"]
     rows, X, _ = read_embeddings(EMBEDDINGS)
     lab = (rows["split"] == "labeled").to_numpy()
     pool = (rows["split"] == "unlabeled").to_numpy()
-    if p["strategy"] == "cluster_vote":
-        clusters = read_parquet(ASSIGNMENTS, "cluster assignments")
-        if not clusters["id"].equals(rows["id"]):
-            raise PipelineError("cluster assignments do not match the embeddings; run `dvc repro`")
-        cl = clusters["cluster"].to_numpy()
-        labeler = ClusterVotePseudoLabeler(p["min_purity"], p["min_support"], p["balance_classes"])
-        pseudo = labeler.fit_predict(rows.loc[pool, "id"], cl[pool], cl[lab], rows.loc[lab, "label"])
-    else:
-        labeler = ConfidencePseudoLabeler(p["confidence_threshold"], p["C"], p["balance_classes"],
-                                          random_state=params["train"]["seed"])
-        pseudo = labeler.fit_predict(rows.loc[pool, "id"], X[pool], X[lab], rows.loc[lab, "label"])
+    clusters = read_parquet(ASSIGNMENTS, "cluster assignments")
+    if not clusters["id"].equals(rows["id"]):
+        raise PipelineError("cluster assignments do not match the embeddings; run `dvc repro`")
+    cl = clusters["cluster"].to_numpy()
+    y_lab = rows.loc[lab, "label"].to_numpy(dtype=object)
+    if positive not in set(y_lab) or len(set(y_lab)) != 2:
+        raise PipelineError(f"pseudo_label needs labelled images of two classes including "
+                            f"'{positive}', got {sorted(set(y_lab))}")
+    pseudo = run_strategy(p, positive, rows.loc[pool, "id"].to_numpy(dtype=object), X[pool],
+                          X[lab], y_lab, params["train"]["seed"], cl[pool], cl[lab],
+                          params["train"]["pseudo_weight_scale"])
     write_parquet(pseudo, OUT)
 
-    classes = sorted(rows.loc[lab, "label"].unique())
+    classes = sorted(set(y_lab))
     truth = read_parquet(TRUTH, "pool truth")
     quality = pseudo_label_quality(pseudo, truth, classes)
     with open_live("pseudo_label") as live:
@@ -44,8 +43,14 @@ def main() -> None:
         live.log_metric("n_pool", n_pool, plot=False)
         live.log_metric("n_accepted", len(pseudo), plot=False)
         live.log_metric("coverage", round(len(pseudo) / n_pool, 6) if n_pool else 0.0, plot=False)
+        live.log_metric("noise_excluded", int((cl[pool] < 0).sum()), plot=False)
         for cls in classes:
             live.log_metric(f"accepted/{cls}", int((pseudo["label"] == cls).sum()), plot=False)
+        if len(pseudo):
+            live.log_metric("accepted_positive_share",
+                            round(float((pseudo["label"] == positive).mean()), 6), plot=False)
+            live.log_metric("mean_confidence", round(float(pseudo["confidence"].mean()), 6),
+                            plot=False)
         for key, value in quality.items():
             live.log_metric(f"truth/{key}", round(value, 6), plot=False)
         live.log_param("strategy", p["strategy"])

@@ -5,9 +5,12 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from triage.cluster import PoolClusterer, cluster_purity, cluster_quality
+from triage.cluster import (PoolClusterer, cluster_purity, cluster_quality, make_clusterer,
+                            projection_image)
 from triage.pseudo import (PSEUDO_COLUMNS, ClusterVotePseudoLabeler, ConfidencePseudoLabeler,
-                           pseudo_label_quality)
+                           LabelSpreadingPseudoLabeler, SelfTrainingPseudoLabeler,
+                           adjust_to_prior, class_quotas, consensus, estimate_prior,
+                           pseudo_label_quality, run_strategy, select_with_quotas)
 
 CENTRES = np.array([[0.0] * 8, [12.0] * 8, [-12.0, 12.0] * 4, [12.0, -12.0] * 4])
 
@@ -256,3 +259,195 @@ def test_clusterer_json_roundtrip_predicts_identically():
     new = X + 0.01
     assert (again.predict(new) == model.predict(new)).all()
     np.testing.assert_array_equal(again.transform(new), model.transform(new))
+
+
+# --------------------------------------------------------------------------- k auto, GMM, HDBSCAN
+
+
+def test_k_auto_picks_the_best_silhouette_of_the_sweep():
+    X, truth = _blobs(n=200, seed=5)
+    model = PoolClusterer(n_components=4, k="auto", k_range=(2, 7), random_state=0).fit(X)
+    sweep = pd.DataFrame(model.sweep_)
+    assert sweep["k"].tolist() == [2, 3, 4, 5, 6, 7]
+    assert model.k_ == int(sweep.loc[sweep["silhouette"].idxmax(), "k"]) == 4
+    assert adjusted_rand_score(truth, model.labels_) == 1.0
+    # the logged silhouette is the one cluster_quality gives for the chosen partition
+    best = cluster_quality(model.transform(X), model.labels_, seed=0)["silhouette"]
+    assert sweep["silhouette"].max() == pytest.approx(best)
+
+
+def test_gmm_recovers_blobs_and_roundtrips():
+    import json
+
+    X, truth = _blobs(seed=6)
+    model = PoolClusterer(n_components=4, k=4, method="gmm", random_state=0).fit(X)
+    assert adjusted_rand_score(truth, model.labels_) == 1.0
+    again = PoolClusterer.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))
+
+
+def test_hdbscan_marks_isolated_points_as_noise():
+    X, truth = _blobs(n=200, seed=7)
+    far = np.random.default_rng(0).uniform(-60, 60, (6, 8))
+    far[:, 0] += 200  # far away from every blob and from each other
+    far[:, 1] = np.arange(6) * 40
+    Xa = np.r_[X, far]
+    c = {"pca_components": 8, "k": 4, "seed": 0, "method": "hdbscan", "k_min": 2,
+         "k_max": 6, "min_cluster_size": 10}
+    model = make_clusterer(c).fit(Xa)
+    assert (model.labels_[-6:] == -1).all()
+    assert model.k_ == 4
+    assert adjusted_rand_score(truth, model.labels_[:200]) > 0.95
+    assert (model.predict(Xa) >= 0).all()  # new points always get a cluster
+
+
+def test_projection_image_is_deterministic():
+    X, truth = _blobs(n=60, seed=8)
+    labels = pd.Series(["cancer" if t == 0 else ("normal" if t == 1 else None) for t in truth])
+    a = projection_image(X[:, :2], truth, labels, "cancer")
+    b = projection_image(X[:, :2], truth, labels, "cancer")
+    assert a.size == (720, 378) and a.tobytes() == b.tobytes()
+
+
+# --------------------------------------------------------------------------- priors and quotas
+
+
+def test_estimate_prior_recovers_a_shifted_prior():
+    """Posteriors of an exact Bayes model trained at 50/50, applied to a 25 % pool."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = rng.random(n) < 0.25
+    x = np.where(y, rng.normal(1.0, 1, n), rng.normal(-1.0, 1, n))
+    p_half = 1 / (1 + np.exp(-2 * x))  # P(pos|x) under prior 0.5 for N(±1, 1)
+    assert estimate_prior(p_half, 0.5) == pytest.approx(0.25, abs=0.03)
+    assert p_half.mean() > 0.3  # the naive mean is biased toward 0.5
+    adj = adjust_to_prior(p_half, 0.5, 0.25)
+    assert adj.mean() == pytest.approx(0.25, abs=0.03)
+
+
+def test_quotas_and_selection():
+    q = class_quotas(100, 0.2, 0.5, "cancer", "normal")
+    assert q == {"cancer": 10, "normal": 40}
+    ids = np.array([f"i{k:02d}" for k in range(6)], dtype=object)
+    p = np.array([0.99, 0.9, 0.6, 0.4, 0.05, 0.01])
+    out = select_with_quotas(ids, p, {"cancer": 2, "normal": 1}, "cancer", "normal", 0.5)
+    assert out.set_index("id")["label"].to_dict() == {"i00": "cancer", "i01": "cancer",
+                                                       "i05": "normal"}
+    noise = np.array([False, True, True, True, True, True])
+    out = select_with_quotas(ids, p, {"cancer": 2, "normal": 1}, "cancer", "normal", 0.7, noise)
+    assert set(out["id"]) == {"i01", "i05"}  # i00 is noise; 0.6 is below 0.7
+
+
+# --------------------------------------------------------------------------- quota strategies
+
+
+@pytest.fixture(scope="module")
+def shifted_pool():
+    """Labelled 30/30, pool 25 % positive, 16-d, partly overlapping classes."""
+    rng = np.random.default_rng(1)
+    mu = np.r_[np.full(4, 1.2), np.zeros(12)]
+
+    def draw(n_pos, n_neg):
+        return np.r_[rng.normal(0, 1, (n_pos, 16)) + mu, rng.normal(0, 1, (n_neg, 16)) - mu]
+
+    X_lab = draw(30, 30)
+    y_lab = np.array(["cancer"] * 30 + ["normal"] * 30, dtype=object)
+    X_pool = draw(50, 150)
+    truth = pd.DataFrame({"id": [f"u{i:03d}" for i in range(200)],
+                          "label": ["cancer"] * 50 + ["normal"] * 150})
+    return truth["id"].to_numpy(dtype=object), X_pool, X_lab, y_lab, truth
+
+
+PARAMS = {"strategy": "self_training", "min_purity": 0.8, "min_support": 3,
+          "confidence_threshold": 0.95, "C": 0.1, "balance_classes": False, "class_prior": None,
+          "max_fraction": 0.5, "min_confidence": 0.5, "rounds": 3, "pca_components": 8,
+          "n_neighbors": 10, "spreading_alpha": 0.2, "cv_folds": 3, "cv_repeats": 1}
+
+
+def _contract(out, ids, name):
+    assert list(out.columns) == PSEUDO_COLUMNS
+    assert set(out["id"]) <= set(ids) and out["id"].is_unique
+    assert out["confidence"].between(0, 1).all()
+    assert (out["strategy"] == name).all()
+    assert out["id"].is_monotonic_increasing
+
+
+@pytest.mark.parametrize("strategy", ["self_training", "label_spreading"])
+def test_quota_strategies_contract_and_quotas(shifted_pool, strategy):
+    ids, X_pool, X_lab, y_lab, truth = shifted_pool
+    out = run_strategy({**PARAMS, "strategy": strategy}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+    _contract(out, ids, strategy)
+    counts = out["label"].value_counts()
+    # estimated prior near the true 25 %, so the quotas keep roughly that mix
+    assert 0.1 <= counts.get("cancer", 0) / len(out) <= 0.4
+    assert len(out) <= 0.5 * len(ids)
+    assert pseudo_label_quality(out, truth, ["cancer", "normal"])["accuracy"] > 0.8
+    given = run_strategy({**PARAMS, "strategy": strategy, "class_prior": 0.1}, "cancer", ids,
+                         X_pool, X_lab, y_lab, 0)
+    quota = class_quotas(len(ids), 0.1, 0.5, "cancer", "normal")
+    n = given["label"].value_counts()
+    assert n.get("cancer", 0) <= quota["cancer"] and n.get("normal", 0) <= quota["normal"]
+
+
+def test_self_training_quota_grows_per_round(shifted_pool):
+    ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    sizes = [len(SelfTrainingPseudoLabeler("cancer", rounds=r, max_fraction=0.5, C=0.1,
+                                           pca_components=8, class_prior=0.25,
+                                           random_state=0).fit_predict(ids, X_pool, X_lab, y_lab))
+             for r in (1, 3)]
+    # with 3 rounds the last round reaches the full quota, same as 1 round
+    assert sizes[0] == sizes[1] == 25 + 75
+    partial = SelfTrainingPseudoLabeler("cancer", rounds=1, max_fraction=0.25, C=0.1,
+                                        pca_components=8, class_prior=0.25,
+                                        random_state=0).fit_predict(ids, X_pool, X_lab, y_lab)
+    assert len(partial) == 12 + 37
+
+
+@pytest.mark.parametrize("strategy", ["self_training", "label_spreading", "confidence",
+                                      "cluster_vote", "consensus"])
+def test_hdbscan_noise_is_never_pseudo_labelled(shifted_pool, strategy):
+    ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    pool_cl = np.where(np.arange(len(ids)) % 4 == 0, -1, (X_pool[:, 0] > 0).astype(int))
+    lab_cl = np.where(np.arange(len(y_lab)) % 5 == 0, -1, (X_lab[:, 0] > 0).astype(int))
+    out = run_strategy({**PARAMS, "strategy": strategy, "confidence_threshold": 0.6}, "cancer",
+                       ids, X_pool, X_lab, y_lab, 0, pool_cl, lab_cl)
+    assert len(out) > 0
+    assert not set(out["id"]) & set(ids[pool_cl == -1])
+
+
+def test_consensus_is_a_subset_of_agreement(shifted_pool):
+    ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    a = run_strategy({**PARAMS, "strategy": "self_training"}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+    b = run_strategy({**PARAMS, "strategy": "label_spreading"}, "cancer", ids, X_pool, X_lab,
+                     y_lab, 0)
+    both = run_strategy({**PARAMS, "strategy": "consensus"}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+    _contract(both, ids, "consensus")
+    la, lb = a.set_index("id")["label"], b.set_index("id")["label"]
+    agree = {i for i in set(la.index) & set(lb.index) if la[i] == lb[i]}
+    assert set(both["id"]) == agree and len(agree) > 0
+    for i, lab, conf in both[["id", "label", "confidence"]].itertuples(index=False):
+        assert lab == la[i] == lb[i]
+        assert conf == pytest.approx((a.set_index("id").loc[i, "confidence"]
+                                      + b.set_index("id").loc[i, "confidence"]) / 2)
+
+
+def test_consensus_drops_conflicts_and_lone_votes():
+    def frame(rows):
+        return pd.DataFrame(rows, columns=["id", "label", "confidence"]).assign(strategy="x")
+
+    r1 = frame([("a", "cancer", 0.9), ("b", "normal", 0.8), ("c", "cancer", 0.7)])
+    r2 = frame([("a", "cancer", 0.7), ("b", "cancer", 0.6), ("d", "normal", 0.9)])
+    r3 = frame([("b", "normal", 0.9)])
+    out = consensus([r1, r2, r3], 2)
+    assert out["id"].tolist() == ["a"]  # b: conflicting labels; c, d: one vote each
+    assert out["confidence"].iloc[0] == pytest.approx(0.8)
+    assert consensus([r1], 2).empty
+
+
+def test_strategies_are_deterministic(shifted_pool):
+    ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    for strategy in ("self_training", "label_spreading", "consensus"):
+        p = {**PARAMS, "strategy": strategy}
+        a = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab, 3)
+        b = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab, 3)
+        pd.testing.assert_frame_equal(a, b)

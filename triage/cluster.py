@@ -13,25 +13,65 @@ from sklearn.preprocessing import StandardScaler
 
 
 class PoolClusterer(ClusterMixin, BaseEstimator):
-    """StandardScaler → PCA → KMeans, fitted on the pool only.
+    """StandardScaler → PCA → KMeans | GaussianMixture | HDBSCAN, fitted on the pool only.
 
     Test vectors are only ever passed to ``predict`` so the test set cannot shape the
-    clusters that later produce pseudo-labels.
+    clusters that later produce pseudo-labels. ``k="auto"`` fits every k of ``k_range``
+    (KMeans/GMM) and keeps the best silhouette (``sweep_`` holds the curve). HDBSCAN finds
+    its own number of clusters and marks noise as -1 in ``labels_``; ``predict`` on new
+    points assigns the nearest cluster centroid (noise is a property of the fitted pool).
     """
 
-    def __init__(self, n_components: int = 32, k: int = 8, random_state: int = 0):
+    def __init__(self, n_components: int = 32, k=8, random_state: int = 0,
+                 method: str = "kmeans", k_range: tuple = (2, 12),
+                 min_cluster_size: int = 15):
         self.n_components, self.k, self.random_state = n_components, k, random_state
+        self.method, self.k_range, self.min_cluster_size = method, k_range, min_cluster_size
+
+    def _fit_k(self, Z, k):
+        if self.method == "gmm":
+            from sklearn.mixture import GaussianMixture
+
+            gm = GaussianMixture(n_components=k, covariance_type="diag", n_init=2,
+                                 random_state=self.random_state, reg_covar=1e-4).fit(Z)
+            return gm.predict(Z), gm.means_
+        km = KMeans(n_clusters=k, n_init=10, random_state=self.random_state).fit(Z)
+        return km.labels_, km.cluster_centers_
 
     def fit(self, X, y=None):
         X = np.asarray(X, dtype=np.float64)
-        if len(X) < self.k:
+        if isinstance(self.k, int) and self.method != "hdbscan" and len(X) < self.k:
             raise ValueError(f"cluster.k={self.k} is larger than the pool ({len(X)} images)")
         n_comp = int(min(self.n_components, X.shape[0], X.shape[1]))
         self.reducer_ = Pipeline([("scale", StandardScaler()),
                                   ("pca", PCA(n_components=n_comp, random_state=self.random_state))])
         Z = self.reducer_.fit_transform(X)
-        self.kmeans_ = KMeans(n_clusters=self.k, n_init=10, random_state=self.random_state).fit(Z)
-        self.labels_ = self.kmeans_.labels_
+        self.sweep_ = []
+        if self.method == "hdbscan":
+            from sklearn.cluster import HDBSCAN
+
+            labels = HDBSCAN(min_cluster_size=self.min_cluster_size, copy=True).fit_predict(Z)
+            found = sorted(set(labels.tolist()) - {-1})
+            # renumber 0..n-1 (noise stays -1); centroids of the found clusters
+            remap = {c: i for i, c in enumerate(found)}
+            labels = np.array([remap.get(c, -1) for c in labels])
+            centers = (np.stack([Z[labels == i].mean(axis=0) for i in range(len(found))])
+                       if found else Z.mean(axis=0, keepdims=True))
+        elif self.k == "auto":
+            lo, hi = int(self.k_range[0]), int(min(self.k_range[1], len(X) - 1))
+            best = None
+            for k in range(lo, hi + 1):
+                labels_k, centers_k = self._fit_k(Z, k)
+                s = cluster_quality(Z, labels_k, seed=self.random_state)["silhouette"]
+                self.sweep_.append({"k": k, "silhouette": s})
+                if best is None or s > best[0] + 1e-12:
+                    best = (s, k, labels_k, centers_k)
+            _, self.k_, labels, centers = best
+        else:
+            labels, centers = self._fit_k(Z, int(self.k))
+        self.k_ = int(len(centers)) if self.method == "hdbscan" else int(len(centers))
+        self.labels_ = np.asarray(labels, dtype=np.int64)
+        self.centers_ = np.asarray(centers, dtype=np.float64)
         self.explained_variance_ = float(self.reducer_["pca"].explained_variance_ratio_.sum())
         return self
 
@@ -40,22 +80,29 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         return self.reducer_.transform(np.asarray(X, dtype=np.float64))
 
     def predict(self, X) -> np.ndarray:
-        return self.kmeans_.predict(self.transform(X))
+        """Nearest cluster centre in PCA space (= KMeans' rule; GMM/HDBSCAN: centroid)."""
+        Z = self.transform(X)
+        d = ((Z[:, None, :] - self.centers_[None, :, :]) ** 2).sum(axis=2)
+        return d.argmin(axis=1).astype(np.int64)
 
     # Plain-JSON persistence: no code runs on load, and it avoids importing skops (which
     # scans all of scikit-learn, seconds per stage) for a model this simple.
     def to_dict(self) -> dict:
-        scale, pca, km = self.reducer_["scale"], self.reducer_["pca"], self.kmeans_
-        return {"params": self.get_params(),
+        scale, pca = self.reducer_["scale"], self.reducer_["pca"]
+        params = self.get_params()
+        params["k_range"] = list(params["k_range"])
+        return {"params": params, "k_chosen": self.k_,
                 "scale_mean": scale.mean_.tolist(), "scale_scale": scale.scale_.tolist(),
                 "pca_mean": pca.mean_.tolist(), "pca_components": pca.components_.tolist(),
                 "explained_variance": self.explained_variance_,
-                "centers": km.cluster_centers_.tolist()}
+                "centers": self.centers_.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PoolClusterer":
         """Rebuild a fitted clusterer whose transform/predict equal the saved one's."""
-        self = cls(**d["params"])
+        params = dict(d["params"])
+        params["k_range"] = tuple(params.get("k_range", (2, 12)))
+        self = cls(**params)
         scale = StandardScaler()
         scale.mean_, scale.scale_ = np.asarray(d["scale_mean"]), np.asarray(d["scale_scale"])
         scale.var_ = scale.scale_ ** 2
@@ -65,13 +112,17 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         pca.n_components_, pca.n_features_in_ = len(pca.components_), len(pca.mean_)
         pca.whiten = False
         self.reducer_ = Pipeline([("scale", scale), ("pca", pca)])
-        centers = np.asarray(d["centers"])
-        km = KMeans(n_clusters=len(centers))
-        km.cluster_centers_, km.n_features_in_ = centers, centers.shape[1]
-        km._n_threads = 1
-        self.kmeans_ = km
+        self.centers_ = np.asarray(d["centers"])
+        self.k_ = int(d.get("k_chosen", len(self.centers_)))
         self.explained_variance_ = d["explained_variance"]
         return self
+
+
+def make_clusterer(c: dict) -> PoolClusterer:
+    """A PoolClusterer from the ``cluster.*`` params."""
+    return PoolClusterer(n_components=c["pca_components"], k=c["k"], random_state=c["seed"],
+                         method=c["method"], k_range=(c["k_min"], c["k_max"]),
+                         min_cluster_size=c["min_cluster_size"])
 
 
 def cluster_quality(Z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
@@ -105,3 +156,41 @@ def cluster_purity(clusters: np.ndarray, labels: pd.Series, positive: str) -> pd
                     "n_positive": n_pos, "n_negative": n_neg, "majority": majority,
                     "purity": purity})
     return pd.DataFrame(out)
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def projection_image(Z2: np.ndarray, clusters: np.ndarray, labels: pd.Series, positive: str,
+                     size: int = 360) -> "Image.Image":
+    """Two side-by-side 2-D scatters (PCA components 1-2) drawn with Pillow: left coloured
+    by cluster (noise grey), right by known label (pool grey, positive red, other blue,
+    labelled points drawn larger). Deterministic bytes for the same inputs."""
+    from PIL import Image, ImageDraw
+
+    Z2 = np.asarray(Z2, float)[:, :2]
+    lo, hi = Z2.min(axis=0), Z2.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    pad = 24
+    xy = pad + (Z2 - lo) / span * (size - 2 * pad)
+    xy[:, 1] = size - xy[:, 1]
+    img = Image.new("RGB", (2 * size, size + 18), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 4), "PCA 1-2 by cluster (grey = noise)", fill="black")
+    d.text((size + 8, 4), f"by known label (red = {positive}, blue = other, grey = pool)",
+           fill="black")
+    lab = labels.to_numpy(dtype=object)
+    known = pd.notna(lab)
+    for i in np.argsort(known, kind="mergesort"):  # labelled points drawn last (on top)
+        x, y = xy[i]
+        c = int(clusters[i])
+        col = (170, 170, 170) if c < 0 else _COLOURS[c % len(_COLOURS)]
+        d.ellipse([x - 1.5, y + 18 - 1.5, x + 1.5, y + 18 + 1.5], fill=col)
+        if known[i]:
+            col2, r = ((214, 39, 40) if lab[i] == positive else (31, 119, 180)), 3.0
+        else:
+            col2, r = (200, 200, 200), 1.5
+        d.ellipse([size + x - r, y + 18 - r, size + x + r, y + 18 + r], fill=col2)
+    d.line([size, 0, size, size + 18], fill="black")
+    return img

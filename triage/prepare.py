@@ -133,8 +133,12 @@ def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int) ->
 
 
 def build_manifest(root: str | Path, positive_class: str, test_fraction: float, seed: int,
-                   ) -> tuple[pd.DataFrame, dict]:
-    """Scan ``root`` and return (manifest, info). Structural problems raise DataError."""
+                   annotations: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Scan ``root`` and return (manifest, info). Structural problems raise DataError.
+
+    ``annotations``: optional labels file (see :func:`merge_annotations`), applied after
+    the test split so new labels only ever enlarge the training set.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (set data.root or data.source: demo)")
@@ -172,11 +176,104 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
         df.loc[df.index[labeled_df][mask], "split"] = "test"
     if df.empty:
         raise DataError(f"no images found under {root}")
+    n_annotated = n_already = 0
+    if annotations is not None and Path(annotations).is_file():
+        df, n_annotated, n_already = merge_annotations(df, annotations, classes, root)
     order = {s: i for i, s in enumerate(("labeled", "unlabeled", "test"))}
     df = df.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
     df = df.reset_index(drop=True)
     for col in ("width", "height", "bytes"):
         df[col] = df[col].astype("Int64")
     info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": hidden,
-            "negative_class": next(c for c in classes if c != positive_class)}
+            "negative_class": next(c for c in classes if c != positive_class),
+            "n_annotated": n_annotated, "n_annotations_already_labeled": n_already}
     return df, info
+
+
+# --------------------------------------------------------------------------- annotations
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
+
+
+def read_annotations(path: str | Path) -> pd.DataFrame:
+    """Read an annotations CSV (columns ``path`` and/or ``id``, and ``label``) as strings."""
+    path = Path(path)
+    try:
+        ann = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (expected a header: path,label or id,label)") from None
+    ann.columns = [str(c).strip().lower() for c in ann.columns]
+    if "label" not in ann.columns or not ({"path", "id"} & set(ann.columns)):
+        raise DataError(f"{path}: columns must be `path` or `id` (or both) and `label`, "
+                        f"found {list(ann.columns)}")
+    for col in ("path", "id", "label"):
+        if col not in ann.columns:
+            ann[col] = ""
+        ann[col] = ann[col].astype(str).str.strip()
+    return ann[["path", "id", "label"]]
+
+
+def merge_annotations(df: pd.DataFrame, path: str | Path, classes: list[str],
+                      root: str | Path) -> tuple[pd.DataFrame, int, int]:
+    """Move annotated unlabelled images into the labelled split with their new label.
+
+    Each row names an image by ``id`` (sha256 of the bytes, as in to_label.csv) or by
+    ``path`` (as written in the manifest / to_label.csv, or relative to the data root);
+    all files with that content are labelled. Errors name the CSV line: an unknown id or
+    path, a label that is not a class, the same image annotated twice with different
+    labels, or an annotation that contradicts the image's folder label. Annotating an
+    already-labelled (or test) image with its own label is a no-op (counted).
+    Returns (manifest, images moved to labelled, annotations of already-labelled images).
+    """
+    path, root = Path(path), Path(root)
+    ann = read_annotations(path)
+    by_path = {p: i for p, i in zip(df["path"], df["id"]) if isinstance(i, str)}
+    root_prefix = root.as_posix().rstrip("/") + "/"
+    ids_known = set(by_path.values())
+    wanted: dict[str, tuple[str, int]] = {}   # image id -> (label, CSV line)
+    for k, row in enumerate(ann.itertuples(index=False)):
+        line = k + 2  # header is line 1
+        where = f"{path} line {line}"
+        if _blank(row.label):
+            raise DataError(f"{where}: empty label")
+        if row.label not in classes:
+            raise DataError(f"{where}: label '{row.label}' is not one of the classes {classes}")
+        image_id = None
+        if not _blank(row.path):
+            p = row.path.replace("\\", "/").removeprefix("./")
+            image_id = by_path.get(p) or by_path.get(root_prefix + p)
+            if image_id is None:
+                raise DataError(f"{where}: unknown image path '{row.path}' (not found under {root})")
+        if not _blank(row.id):
+            rid = row.id.lower()
+            if rid not in ids_known:
+                raise DataError(f"{where}: unknown image id '{row.id}' (no image with this "
+                                f"sha256 under {root})")
+            if image_id is not None and image_id != rid:
+                raise DataError(f"{where}: path '{row.path}' and id '{row.id}' name different images")
+            image_id = rid
+        if image_id is None:
+            raise DataError(f"{where}: neither path nor id given")
+        if image_id in wanted and wanted[image_id][0] != row.label:
+            prev_label, prev_line = wanted[image_id]
+            raise DataError(f"{where}: image {image_id[:12]}… annotated '{row.label}' but line "
+                            f"{prev_line} annotates the same image '{prev_label}'")
+        wanted.setdefault(image_id, (row.label, line))
+    df = df.copy()
+    moved = already = 0
+    for image_id, (label, line) in wanted.items():
+        rows = df["id"] == image_id
+        known = df.loc[rows & df["split"].isin(["labeled", "test"]), "label"].dropna().unique()
+        if len(known) and any(lbl != label for lbl in known):
+            raise DataError(f"{path} line {line}: image {image_id[:12]}… annotated '{label}' "
+                            f"but it is already filed under '{known[0]}'")
+        pool = rows & (df["split"] == "unlabeled")
+        if pool.any():
+            df.loc[pool, "split"] = "labeled"
+            df.loc[pool, "label"] = label
+            moved += int(pool.sum())
+        else:
+            already += 1
+    return df, moved, already

@@ -1,19 +1,56 @@
 """Pseudo-labelling strategies for the unlabelled pool.
 
-Every strategy returns one row per *accepted* pool image: id, label, confidence,
-strategy. Rejected images are simply not pseudo-labelled (they stay unlabelled); the
-stage reports coverage so nothing disappears unnoticed.
+Every strategy returns one row per *accepted* pool image: id, label, confidence (in
+[0, 1]), strategy. Rejected images are simply not pseudo-labelled (they stay unlabelled);
+the stage reports coverage so nothing disappears unnoticed.
+
+Strategies (``pseudo.strategy``):
+
+- ``cluster_vote``: majority label of the labelled points of a cluster (min purity, min
+  support). HDBSCAN noise (cluster -1) is never labelled.
+- ``confidence``: one classifier fitted on the labels, accepted above a threshold.
+- ``self_training``: rounds of fit → calibrated, prior-corrected P(class) on the pool →
+  accept the top of each class up to a per-class quota that grows each round → refit
+  on labelled + accepted (weighted by confidence).
+- ``label_spreading``: scikit-learn ``LabelSpreading`` on a kNN graph of labelled + pool
+  points in a PCA space fitted on them (unsupervised), with the same quotas.
+- ``consensus``: ``self_training`` and ``label_spreading`` (and ``cluster_vote`` when
+  clusters are given); accepted only where at least two agree.
+
+Class-prior control: the pool's class prior is ``pseudo.class_prior`` (the positive
+share) when given, else estimated from the labelled classifier's calibrated pool
+probabilities by EM (Saerens, Latinne & Decaestecker 2002). Posteriors are re-weighted to
+that prior, and each class gets a quota ``max_fraction × n_pool × prior(class)``, so the
+pseudo-labels cannot drift to one class.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 PSEUDO_COLUMNS = ["id", "label", "confidence", "strategy"]
+STRATEGIES = ("cluster_vote", "confidence", "self_training", "label_spreading", "consensus")
+
+
+def empty_pseudo() -> pd.DataFrame:
+    return pd.DataFrame({"id": pd.Series([], dtype=object), "label": pd.Series([], dtype=object),
+                         "confidence": pd.Series([], dtype=float),
+                         "strategy": pd.Series([], dtype=object)})
+
+
+def _finish(out: pd.DataFrame, name: str) -> pd.DataFrame:
+    if out.empty:
+        return empty_pseudo()
+    out = out.copy()
+    out["confidence"] = np.clip(out["confidence"].astype(float), 0.0, 1.0)
+    out["strategy"] = name
+    return out[PSEUDO_COLUMNS].sort_values("id", kind="mergesort").reset_index(drop=True)
 
 
 def _balance(accepted: pd.DataFrame) -> pd.DataFrame:
@@ -28,12 +65,146 @@ def _balance(accepted: pd.DataFrame) -> pd.DataFrame:
             .groupby("label", sort=True).head(keep))
 
 
+# --------------------------------------------------------------------------- class prior
+
+
+def adjust_to_prior(p_pos: np.ndarray, train_prior: float, new_prior: float) -> np.ndarray:
+    """Bayes re-weighting of P(positive|x) from the training prior to ``new_prior``."""
+    p = np.clip(np.asarray(p_pos, float), 1e-12, 1 - 1e-12)
+    a = p * new_prior / train_prior
+    b = (1 - p) * (1 - new_prior) / (1 - train_prior)
+    return a / (a + b)
+
+
+def estimate_prior(p_pos: np.ndarray, train_prior: float = 0.5, max_iter: int = 200,
+                   tol: float = 1e-7) -> float:
+    """Positive share of an unlabelled set by EM on its posteriors (Saerens et al. 2002).
+
+    ``p_pos`` must be (roughly) calibrated posteriors under ``train_prior``. Returns a
+    value clipped to [0.02, 0.98] so a quota never empties a class entirely.
+    """
+    p_pos = np.asarray(p_pos, float)
+    if len(p_pos) == 0:
+        return float(train_prior)
+    prior = float(train_prior)
+    for _ in range(max_iter):
+        new = float(adjust_to_prior(p_pos, train_prior, prior).mean())
+        if abs(new - prior) < tol:
+            prior = new
+            break
+        prior = new
+    return float(np.clip(prior, 0.02, 0.98))
+
+
+def class_quotas(n_pool: int, prior_pos: float, fraction: float, positive: str,
+                 negative: str) -> dict[str, int]:
+    """How many pseudo-labels each class may receive: ``fraction × n_pool × prior``."""
+    total = fraction * n_pool
+    return {positive: int(np.floor(total * prior_pos + 1e-9)),
+            negative: int(np.floor(total * (1 - prior_pos) + 1e-9))}
+
+
+def select_with_quotas(ids, p_pos: np.ndarray, quotas: dict[str, int], positive: str,
+                       negative: str, threshold: float = 0.5,
+                       allowed: np.ndarray | None = None) -> pd.DataFrame:
+    """Top ``quotas[c]`` pool points of each class by P(c), among those with P(c) ≥ threshold.
+
+    Ties are broken by id so the result is deterministic. ``allowed`` masks out points
+    that may never be labelled (e.g. HDBSCAN noise).
+    """
+    ids = np.asarray(ids, dtype=object)
+    p_pos = np.asarray(p_pos, float)
+    ok = np.ones(len(ids), bool) if allowed is None else np.asarray(allowed, bool)
+    parts = []
+    for cls, conf in ((positive, p_pos), (negative, 1 - p_pos)):
+        cand = np.flatnonzero(ok & (conf >= threshold) & (conf > 0.5 if cls == positive
+                                                            else conf >= 0.5))
+        order = np.lexsort((ids[cand], -conf[cand]))  # most confident first, then id
+        take = cand[order[: max(quotas.get(cls, 0), 0)]]
+        parts.append(pd.DataFrame({"id": ids[take], "label": cls, "confidence": conf[take]}))
+    return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _binary(y_lab, positive: str) -> tuple[np.ndarray, str]:
+    y_lab = np.asarray(y_lab, dtype=object)
+    classes = sorted(set(y_lab.tolist()))
+    if positive not in classes or len(classes) != 2:
+        raise ValueError(f"pseudo-labelling needs two classes including '{positive}', "
+                         f"got {classes}")
+    negative = classes[0] if classes[1] == positive else classes[1]
+    return (y_lab == positive).astype(int), negative
+
+
+def reducer(n_components: int, seed: int) -> Pipeline:
+    return Pipeline([("scale", StandardScaler()),
+                     ("pca", PCA(n_components=n_components, random_state=seed))])
+
+
+def fit_space(X_lab, X_pool, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scaler + PCA fitted on labelled + pool (no labels used): the strategies' feature space."""
+    X_all = np.concatenate([X_lab, X_pool]).astype(np.float64)
+    n_comp = int(max(1, min(n_components, X_all.shape[0] - 1, X_all.shape[1])))
+    Z = reducer(n_comp, seed).fit_transform(X_all)
+    return Z[: len(X_lab)], Z[len(X_lab):]
+
+
+def _logreg(C: float, seed: int):
+    return LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
+
+
+def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int = 5,
+                          Z_ps=None, y_ps=None, w_ps=None) -> tuple[np.ndarray, np.ndarray]:
+    """P(positive) for the pool from a logistic regression on labelled (+ pseudo) points,
+    Platt-calibrated on out-of-fold scores of the labelled points (balanced training
+    prior 0.5). Returns (pool probabilities, out-of-fold labelled probabilities)."""
+    y_lab = np.asarray(y_lab, int)
+    has_ps = Z_ps is not None and len(Z_ps) > 0
+
+    def fit(Z, y, w):
+        scale = StandardScaler().fit(Z)
+        clf = _logreg(C, seed).fit(scale.transform(Z), y, sample_weight=w)
+        return lambda A: clf.decision_function(scale.transform(A))
+
+    def train_set(idx):
+        if not has_ps:
+            return Z_lab[idx], y_lab[idx], np.ones(len(idx))
+        return (np.concatenate([Z_lab[idx], Z_ps]), np.concatenate([y_lab[idx], y_ps]),
+                np.concatenate([np.ones(len(idx)), w_ps]))
+
+    n_min = int(np.bincount(y_lab, minlength=2).min())
+    k = max(2, min(folds, n_min))
+    oof = np.zeros(len(y_lab))
+    for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(Z_lab, y_lab):
+        oof[va] = fit(*train_set(tr))(Z_lab[va])
+    # Platt scaling with balanced weights: calibrated under a 50/50 prior.
+    platt = LogisticRegression(C=1e4, class_weight="balanced", max_iter=1000)
+    platt.fit(oof[:, None], y_lab)
+    full = fit(*train_set(np.arange(len(y_lab))))
+    return (platt.predict_proba(full(Z_pool)[:, None])[:, 1],
+            platt.predict_proba(oof[:, None])[:, 1])
+
+
+def pool_prior(Z_lab, y_lab, Z_pool, C: float, seed: int, given: float | None) -> float:
+    """The pool's positive share: ``given`` if set, else EM on calibrated posteriors."""
+    if given is not None:
+        return float(given)
+    p_pool, _ = calibrated_pool_proba(Z_lab, y_lab, Z_pool, C, seed)
+    return estimate_prior(p_pool, 0.5)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
 class ClusterVotePseudoLabeler:
     """Label a pool image with the majority label of the labelled points in its cluster.
 
     Only clusters with at least ``min_support`` labelled points and purity ≥
     ``min_purity`` vote. Confidence is the Laplace-smoothed purity, so a cluster backed by
-    3/3 labels (0.8) counts less than one backed by 30/30 (0.97).
+    3/3 labels (0.8) counts less than one backed by 30/30 (0.97). Cluster -1 (HDBSCAN
+    noise) never votes.
     """
 
     name = "cluster_vote"
@@ -46,6 +217,8 @@ class ClusterVotePseudoLabeler:
         lab = pd.DataFrame({"cluster": np.asarray(labeled_clusters), "y": np.asarray(labeled_y)})
         votes = {}
         for c, g in lab.groupby("cluster"):
+            if c < 0:  # noise
+                continue
             counts = g["y"].value_counts()
             top = counts.index[0] if counts.iloc[0] != counts.iloc[-1] or len(counts) == 1 else None
             n = len(g)
@@ -55,10 +228,9 @@ class ClusterVotePseudoLabeler:
             votes[c] = (top, (counts.iloc[0] + 1) / (n + 2))
         rows = [(i, *votes[c]) for i, c in zip(pool_ids, pool_clusters) if c in votes]
         out = pd.DataFrame(rows, columns=["id", "label", "confidence"])
-        out["strategy"] = self.name
         if self.balance_classes:
             out = _balance(out)
-        return out[PSEUDO_COLUMNS].sort_values("id").reset_index(drop=True)
+        return _finish(out, self.name)
 
 
 class ConfidencePseudoLabeler:
@@ -82,10 +254,166 @@ class ConfidencePseudoLabeler:
         out = pd.DataFrame({"id": np.asarray(pool_ids)[keep],
                             "label": clf.classes_[best[keep]],
                             "confidence": conf[keep]})
-        out["strategy"] = self.name
         if self.balance_classes:
             out = _balance(out)
-        return out[PSEUDO_COLUMNS].sort_values("id").reset_index(drop=True)
+        return _finish(out, self.name)
+
+
+class SelfTrainingPseudoLabeler:
+    """Iterative self-training with calibrated confidence and per-class quotas.
+
+    Round r (1..rounds): fit on labelled + accepted pseudo-labels (weighted by
+    confidence × ``pseudo_weight``), Platt-calibrate on out-of-fold labelled scores,
+    re-weight to the pool prior, then accept in each class the most probable pool points
+    (P ≥ ``threshold``) up to ``quota(class) × r / rounds``. Accepted labels are re-chosen
+    each round from the refitted model (a point can change class or drop out).
+    """
+
+    name = "self_training"
+
+    def __init__(self, positive: str, rounds: int = 3, max_fraction: float = 0.5,
+                 threshold: float = 0.5, C: float = 0.03, pca_components: int = 64,
+                 class_prior: float | None = None, pseudo_weight: float = 0.5,
+                 random_state: int = 0):
+        self.positive, self.rounds, self.max_fraction = positive, rounds, max_fraction
+        self.threshold, self.C, self.pca_components = threshold, C, pca_components
+        self.class_prior, self.pseudo_weight = class_prior, pseudo_weight
+        self.random_state = random_state
+
+    def fit_predict(self, pool_ids, X_pool, X_lab, y_lab, allowed=None) -> pd.DataFrame:
+        pool_ids = np.asarray(pool_ids, dtype=object)
+        if len(pool_ids) == 0:
+            return empty_pseudo()
+        y, negative = _binary(y_lab, self.positive)
+        Z_lab, Z_pool = fit_space(X_lab, X_pool, self.pca_components, self.random_state)
+        p_pool, _ = calibrated_pool_proba(Z_lab, y, Z_pool, self.C, self.random_state)
+        prior = (self.class_prior if self.class_prior is not None
+                 else estimate_prior(p_pool, 0.5))
+        self.prior_ = float(prior)
+        quotas = class_quotas(len(pool_ids), prior, self.max_fraction, self.positive, negative)
+        index = {i: k for k, i in enumerate(pool_ids)}
+        out = pd.DataFrame(columns=["id", "label", "confidence"])
+        for r in range(1, self.rounds + 1):
+            if r > 1:
+                take = np.array([index[i] for i in out["id"]], dtype=int)
+                p_pool, _ = calibrated_pool_proba(
+                    Z_lab, y, Z_pool, self.C, self.random_state,
+                    Z_ps=Z_pool[take], y_ps=(out["label"] == self.positive).to_numpy(int),
+                    w_ps=out["confidence"].to_numpy(float) * self.pseudo_weight)
+            p_adj = adjust_to_prior(p_pool, 0.5, prior)
+            grow = {c: int(np.floor(q * r / self.rounds)) for c, q in quotas.items()}
+            out = select_with_quotas(pool_ids, p_adj, grow, self.positive, negative,
+                                     self.threshold, allowed)
+            if out.empty:
+                break
+        return _finish(out, self.name)
+
+
+class LabelSpreadingPseudoLabeler:
+    """``LabelSpreading`` (kNN graph) on labelled + pool points in a PCA space, with quotas.
+
+    Label distributions are read as P(class) under the labelled set's 50/50 prior,
+    re-weighted to the pool prior, then the most probable points of each class are kept
+    up to its quota.
+    """
+
+    name = "label_spreading"
+
+    def __init__(self, positive: str, n_neighbors: int = 10, alpha: float = 0.2,
+                 max_fraction: float = 0.5, threshold: float = 0.5, C: float = 0.03,
+                 pca_components: int = 32, class_prior: float | None = None,
+                 random_state: int = 0):
+        self.positive, self.n_neighbors, self.alpha = positive, n_neighbors, alpha
+        self.max_fraction, self.threshold, self.C = max_fraction, threshold, C
+        self.pca_components, self.class_prior = pca_components, class_prior
+        self.random_state = random_state
+
+    def fit_predict(self, pool_ids, X_pool, X_lab, y_lab, allowed=None) -> pd.DataFrame:
+        from sklearn.semi_supervised import LabelSpreading
+
+        pool_ids = np.asarray(pool_ids, dtype=object)
+        if len(pool_ids) == 0:
+            return empty_pseudo()
+        y, negative = _binary(y_lab, self.positive)
+        Z_lab, Z_pool = fit_space(X_lab, X_pool, self.pca_components, self.random_state)
+        Z = np.concatenate([Z_lab, Z_pool])
+        target = np.r_[y, -np.ones(len(Z_pool), int)]
+        k = int(min(self.n_neighbors, len(Z) - 1))
+        ls = LabelSpreading(kernel="knn", n_neighbors=k, alpha=self.alpha, max_iter=100)
+        ls.fit(Z, target)
+        dist = ls.label_distributions_[len(Z_lab):]
+        col = list(ls.classes_).index(1)
+        with np.errstate(invalid="ignore"):
+            p = dist[:, col] / dist.sum(axis=1)
+        p = np.nan_to_num(p, nan=0.5)  # points the graph never reached
+        # Labelled classes are balanced, so spread mass is under a ~50/50 prior.
+        prior = (self.class_prior if self.class_prior is not None else
+                 pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, None))
+        self.prior_ = float(prior)
+        p_adj = adjust_to_prior(p, 0.5, prior)
+        quotas = class_quotas(len(pool_ids), prior, self.max_fraction, self.positive, negative)
+        out = select_with_quotas(pool_ids, p_adj, quotas, self.positive, negative,
+                                 self.threshold, allowed)
+        return _finish(out, self.name)
+
+
+def consensus(results: list[pd.DataFrame], min_agree: int = 2) -> pd.DataFrame:
+    """Points labelled identically by at least ``min_agree`` strategies; confidence = mean
+    confidence of the agreeing strategies (a point two strategies label differently is
+    dropped even if a third agrees with one of them, when that leaves < min_agree)."""
+    results = [r for r in results if not r.empty]
+    if len(results) < min_agree:
+        return empty_pseudo()
+    allr = pd.concat([r[["id", "label", "confidence"]] for r in results], ignore_index=True)
+    grouped = allr.groupby(["id", "label"], sort=True).agg(
+        n=("confidence", "size"), confidence=("confidence", "mean")).reset_index()
+    n_labels = grouped.groupby("id")["label"].transform("size")
+    out = grouped[(grouped["n"] >= min_agree) & (n_labels == 1)]
+    return _finish(out[["id", "label", "confidence"]], "consensus")
+
+
+def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab, seed: int,
+                 pool_clusters=None, lab_clusters=None, pseudo_weight: float = 0.5) -> pd.DataFrame:
+    """Dispatch on ``p['strategy']`` with the ``pseudo.*`` params; the one entry point the
+    stage and the cross-validation share. ``pool_clusters`` (needed by cluster_vote, used
+    by the others to exclude HDBSCAN noise, cluster -1)."""
+    strategy = p["strategy"]
+    allowed = None if pool_clusters is None else np.asarray(pool_clusters) >= 0
+    prior = p.get("class_prior")
+    st = lambda: SelfTrainingPseudoLabeler(  # noqa: E731
+        positive, p["rounds"], p["max_fraction"], p["min_confidence"], p["C"],
+        p["pca_components"], prior, pseudo_weight, seed).fit_predict(
+        pool_ids, X_pool, X_lab, y_lab, allowed)
+    ls = lambda: LabelSpreadingPseudoLabeler(  # noqa: E731
+        positive, p["n_neighbors"], p["spreading_alpha"], p["max_fraction"],
+        p["min_confidence"], p["C"], p["pca_components"], prior, seed).fit_predict(
+        pool_ids, X_pool, X_lab, y_lab, allowed)
+
+    def cv():
+        if pool_clusters is None or lab_clusters is None:
+            raise ValueError("cluster_vote needs cluster assignments")
+        return ClusterVotePseudoLabeler(p["min_purity"], p["min_support"],
+                                        p["balance_classes"]).fit_predict(
+            pool_ids, pool_clusters, lab_clusters, y_lab)
+
+    if strategy == "cluster_vote":
+        return cv()
+    if strategy == "confidence":
+        out = ConfidencePseudoLabeler(p["confidence_threshold"], p["C"], p["balance_classes"],
+                                      random_state=seed).fit_predict(pool_ids, X_pool, X_lab, y_lab)
+        if allowed is not None:
+            out = out[out["id"].isin(set(np.asarray(pool_ids, dtype=object)[allowed]))]
+        return out.reset_index(drop=True)
+    if strategy == "self_training":
+        return st()
+    if strategy == "label_spreading":
+        return ls()
+    if strategy == "consensus":
+        members = [st(), ls()]
+        if pool_clusters is not None and lab_clusters is not None:
+            members.append(cv())
+        return consensus(members, 2)
+    raise ValueError(f"unknown pseudo.strategy {strategy!r}")
 
 
 def pseudo_label_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, classes: list[str]) -> dict:

@@ -1,0 +1,111 @@
+"""Stage `drift`: a batch of images vs the training pool → metrics/drift, reports/drift.html.
+
+The batch is the test split (drift.batch: "") or a folder of new images (drift.batch:
+path), which is QC'd and embedded with the model's exact embedding fingerprint. Ad hoc,
+outside DVC (nothing tracked is written):
+
+    python stages/drift.py --batch path/to/folder --report /tmp/drift.html --metrics /tmp/drift.json
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from triage.drift import compare, flat_metrics, image_stats, render_html, subsample  # noqa: E402
+from triage.embed import read_embeddings  # noqa: E402
+from triage.errors import PipelineError  # noqa: E402
+from triage.inference import Predictor, image_files  # noqa: E402
+from triage.io import atomic_path, open_live, read_parquet, run_stage, write_json  # noqa: E402
+from triage.models import load_model, positive_proba  # noqa: E402
+from triage.params import load_params  # noqa: E402
+
+EMBEDDINGS = Path("data/features/embeddings.parquet")
+CLEAN = Path("data/qc/manifest_clean.parquet")
+REPORT = Path("reports/drift.html")
+N_TYPICAL = 8
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description="drift of a batch vs the training pool")
+    ap.add_argument("--batch", default=None, help="folder of new images (default: params drift.batch)")
+    ap.add_argument("--report", default=str(REPORT))
+    ap.add_argument("--metrics", default=None,
+                    help="write metrics to this JSON file instead of metrics/drift (DVCLive)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    params = load_params()
+    d, positive = params["drift"], params["data"]["positive_class"]
+    batch = d["batch"] if args.batch is None else args.batch
+    rows, X, fp = read_embeddings(EMBEDDINGS)
+    clean = read_parquet(CLEAN, "clean manifest").drop_duplicates("id")
+    rows = rows.merge(clean[["id", "path"]], on="id", how="left", validate="many_to_one")
+    model_path = params["inference"]["model"]
+    rng = np.random.default_rng(d["seed"])
+    pool = np.flatnonzero(rows["split"].isin(["labeled", "unlabeled"]).to_numpy())
+    ref = pool[subsample(len(pool), d["max_images"], rng)]
+    size = int(fp.get("image_size", params["embed"]["image_size"]))
+    extra, n_files, n_failed = {}, None, 0
+    if batch:
+        predictor = Predictor.from_files(model_path, params, embeddings_path=EMBEDDINGS)
+        bundle = predictor.bundle
+        files = image_files(batch)
+        df, X_ok, ok, _ = predictor.predict_paths([str(f) for f in files], return_vectors=True)
+        n_files, n_failed = len(files), int((~ok).sum())
+        if ok.sum() < 5:
+            raise PipelineError(f"drift.batch: only {int(ok.sum())} images of {batch} passed QC "
+                                f"(need at least 5 to compare distributions)")
+        ok_paths = [str(f) for f, good in zip(files, ok) if good]
+        take = subsample(len(ok_paths), d["max_images"], rng)
+        X_new, new_paths = X_ok[take], [ok_paths[i] for i in take]
+        p_new = df.loc[ok, "probability"].to_numpy(dtype=float)[take]
+        name = Path(batch).as_posix()
+        extra = {"n_files": n_files, "qc_failed": n_failed}
+    else:
+        bundle = load_model(model_path)
+        if bundle["embedding_fingerprint"] != fp.get("fingerprint", ""):
+            raise PipelineError(f"model was trained on embedding {bundle['embedding_fingerprint']}, "
+                                f"vectors are {fp.get('fingerprint')}: run `dvc repro`")
+        test = np.flatnonzero((rows["split"] == "test").to_numpy())
+        if len(test) < 5:
+            raise PipelineError("drift: fewer than 5 test images to compare (set drift.batch)")
+        test = test[subsample(len(test), d["max_images"], rng)]
+        X_new, new_paths = X[test], rows.loc[test, "path"].tolist()
+        p_new = positive_proba(bundle["model"], X_new, positive)
+        name = "test split"
+    X_ref, ref_paths = X[ref], rows.loc[ref, "path"].tolist()
+    p_ref = positive_proba(bundle["model"], X_ref, positive)
+    stats_ref, stats_new = image_stats(ref_paths, size), image_stats(new_paths, size)
+    res = compare(X_ref, X_new, stats_ref, stats_new, p_ref, p_new, float(bundle["threshold"]),
+                  alpha=d["alpha"], n_permutations=d["n_permutations"],
+                  pca_components=d["pca_components"], seed=d["seed"])
+    metrics = flat_metrics(res, extra)
+    order = np.argsort(-res["witness_batch"], kind="stable")[:N_TYPICAL]
+    html = render_html(res, batch_name=name, Z_ref=res["Z_ref"], Z_new=res["Z_new"],
+                       stats_ref=stats_ref, stats_new=stats_new,
+                       p_ref=p_ref, p_new=p_new, typical_paths=[new_paths[i] for i in order],
+                       qc_failed=n_failed, n_files=n_files)
+    with atomic_path(args.report) as tmp:
+        tmp.write_text(html)
+    if args.metrics:
+        write_json(metrics, args.metrics)
+    else:
+        with open_live("drift") as live:
+            for key, value in metrics.items():
+                live.log_metric(key, value, plot=False)
+            live.log_param("batch", name)
+    pr = res["positive_rate"]
+    print(f"drift: {name}: {'DRIFT' if res['drift'] else 'no drift'} "
+          f"(MMD p={res['mmd']['p_value']:.3f}, PCA KS min p={res['pca_ks_min_p_adjusted']:.3g}, "
+          f"image stats min p={res['image_stats_min_p_adjusted']:.3g}); predicted-positive rate "
+          f"{pr['batch']:.3f} vs {pr['reference']:.3f} (p={pr['p_value']:.3g}"
+          f"{', shifted' if res['prediction_shift'] else ''}) → {args.report}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

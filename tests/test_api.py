@@ -1,0 +1,128 @@
+"""The FastAPI service, through FastAPI's test client, on a real tiny model bundle."""
+import hashlib
+import io
+import json
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+with warnings.catch_warnings():  # starlette: "httpx with the test client is deprecated (httpx2)"
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+from test_inference import blob_image, train_tiny_model, write_params
+from triage.api import create_app
+from triage.inference import FingerprintMismatch
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tiny = train_tiny_model(tmp_path_factory.mktemp("api_model"))
+    metrics = tiny["root"] / "metrics.json"
+    metrics.write_text(json.dumps({"semi_supervised": {
+        "threshold": 0.5, "sensitivity": 0.9, "sensitivity_ci_low": 0.8,
+        "sensitivity_ci_high": 0.95, "specificity": 0.6, "roc_auc": 0.85}}))
+    app = create_app(tiny["model"], tiny["params"], metrics_path=metrics,
+                     lock_path=tiny["root"] / "dvc.lock", embeddings_path=None)
+    return tiny, TestClient(app)
+
+
+def _png(seed=0, cancer=True, tmp=None) -> bytes:
+    path = blob_image(tmp / f"up_{seed}.png", cancer, seed)
+    return path.read_bytes()
+
+
+def test_health_and_model(served):
+    tiny, client = served
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    m = client.get("/model").json()
+    md5 = hashlib.md5(tiny["model"].read_bytes()).hexdigest()
+    assert m["version"] == md5 and m["version_source"] == "file md5"
+    assert m["threshold"] == 0.5 and m["positive_class"] == "cancer"
+    assert m["embedding_fingerprint"] == tiny["bundle"]["embedding_fingerprint"]
+    assert m["operating_point"]["sensitivity"] == 0.9
+    assert m["operating_point_ci"]["sensitivity_ci_low"] == 0.8
+
+
+def test_predict_returns_the_batch_fields(served, tmp_path):
+    tiny, client = served
+    data = _png(7, True, tmp_path)
+    r = client.post("/predict", files={"file": ("scan.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for key in ("id", "path", "probability", "decision", "needs_review", "qc_status", "qc_detail"):
+        assert key in body
+    assert body["id"] == hashlib.sha256(data).hexdigest() and body["qc_status"] == "ok"
+    x = tiny["embedder"].transform([str(tmp_path / "up_7.png")])
+    p = tiny["bundle"]["model"].predict_proba(x)[0, list(tiny["bundle"]["classes"]).index("cancer")]
+    assert body["probability"] == pytest.approx(p, abs=1e-6)
+    assert body["decision"] == ("cancer" if p >= 0.5 else "normal")
+    assert body["model_version"] == client.get("/model").json()["version"]
+
+
+def test_decodable_image_failing_qc_is_answered_with_its_status(served):
+    _, client = served
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(buf, format="PNG")
+    r = client.post("/predict", files={"file": ("flat.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200
+    assert r.json()["qc_status"] == "blank" and r.json()["probability"] is None
+    assert r.json()["needs_review"] is True
+
+
+@pytest.mark.parametrize("payload, status, message", [
+    (b"", 400, "empty upload"),
+    (b"%PDF-1.4 definitely not an image", 415, "not a readable image"),
+    (None, 415, "not a readable image (decode_error)"),  # truncated PNG
+])
+def test_bad_uploads_get_a_clear_4xx(served, tmp_path, payload, status, message):
+    _, client = served
+    if payload is None:
+        payload = _png(3, False, tmp_path)[:200]
+    r = client.post("/predict", files={"file": ("x.png", payload, "image/png")})
+    assert r.status_code == status
+    assert message in r.json()["detail"]
+
+
+def test_missing_file_field_is_a_4xx(served):
+    _, client = served
+    assert client.post("/predict").status_code == 422
+
+
+def test_too_large_upload_is_refused(served, tmp_path):
+    tiny, _ = served
+    params = write_params(tmp_path / "params.yaml", tiny["model"], **{"inference.max_upload_mb": 0.001})
+    client = TestClient(create_app(tiny["model"], params, embeddings_path=None))
+    big = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 1049
+    r = client.post("/predict", files={"file": ("big.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    # a body far over the limit is refused from its declared length, before parsing
+    r = client.post("/predict", files={"file": ("huge.bin", b"\0" * (200 * 1024), "image/png")})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_no_file_name_or_bytes_in_logs(served, tmp_path, caplog):
+    _, client = served
+    caplog.set_level(logging.DEBUG)
+    data = _png(11, True, tmp_path)
+    r = client.post("/predict", files={"file": ("Jane_Doe_1970-01-01.png", data, "image/png")})
+    assert r.status_code == 200
+    text = caplog.text
+    assert "Jane_Doe" not in text and hashlib.sha256(data).hexdigest() not in text
+    assert "predict:" in text  # it does log, counts only
+
+
+def test_app_refuses_a_fingerprint_mismatch(served, tmp_path):
+    tiny, _ = served
+    params = write_params(tmp_path / "params.yaml", tiny["model"], **{"embed.seed": 1})
+    with pytest.raises(FingerprintMismatch):
+        create_app(tiny["model"], params, embeddings_path=None)
+    assert yaml.safe_load(params.read_text())["embed"]["seed"] == 1

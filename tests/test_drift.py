@@ -1,0 +1,110 @@
+"""Drift: no drift on a same-distribution batch, drift on a contrast- or blur-shifted one
+(real demo images, real random-init ResNet18 embeddings), deterministic, readable page."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from triage.demo import generate_demo
+from triage.drift import compare, flat_metrics, image_stats, render_html, rbf_mmd_test
+from triage.embed import Embedder
+from triage.models import make_classifier
+
+KW = dict(alpha=0.01, n_permutations=200, pca_components=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo (pool 160, batch 60, same prevalence), its embeddings and a model."""
+    root = tmp_path_factory.mktemp("drift_demo")
+    generate_demo(root / "raw", n_labeled=40, n_unlabeled=120, n_test=60, prevalence=0.3,
+                  test_prevalence=0.3, image_size=64, seed=3)
+    ref = sorted((root / "raw/labeled").rglob("*.png")) + sorted((root / "raw/unlabeled").glob("*.png"))
+    new = sorted((root / "raw/test").rglob("*.png"))
+    shifted = {}
+    for kind in ("contrast", "blur"):
+        out = root / kind
+        out.mkdir()
+        shifted[kind] = []
+        for p in new:
+            im = Image.open(p).convert("L")
+            if kind == "blur":
+                im = im.filter(ImageFilter.GaussianBlur(1.5))
+            else:
+                a = np.asarray(im, float)
+                im = Image.fromarray(np.clip(a.mean() + 0.6 * (a - a.mean()), 0, 255).astype(np.uint8))
+            dst = out / f"{p.parent.name}_{p.name}"
+            im.save(dst)
+            shifted[kind].append(dst)
+    emb = Embedder("random", seed=0, image_size=64, batch_size=32, num_workers=0, device="cpu").fit()
+    X_ref = emb.transform([str(p) for p in ref])
+    y_lab = np.array([p.parent.name for p in ref[:40]])
+    model = make_classifier("logreg", 0.1).fit(X_ref[:40], y_lab)
+
+    def side(paths):
+        X = emb.transform([str(p) for p in paths])
+        p = model.predict_proba(X)[:, list(model.classes_).index("cancer")]
+        return X, image_stats(paths, 64), p
+
+    return {"ref": side(ref), "same": side(new), "paths_new": new,
+            **{k: side(v) for k, v in shifted.items()}}
+
+
+def _compare(demo, batch):
+    (Xr, Sr, pr), (Xb, Sb, pb) = demo["ref"], demo[batch]
+    return compare(Xr, Xb, Sr, Sb, pr, pb, 0.5, **KW)
+
+
+def test_same_distribution_batch_shows_no_drift(demo):
+    res = _compare(demo, "same")
+    assert res["drift"] == 0, flat_metrics(res)
+    assert res["mmd"]["p_value"] >= 0.01 and res["image_stats_min_p_adjusted"] >= 0.01
+
+
+@pytest.mark.parametrize("kind", ["contrast", "blur"])
+def test_shifted_batch_is_flagged(demo, kind):
+    res = _compare(demo, kind)
+    assert res["drift"] == 1
+    assert res["embedding_drift"] == 1 and res["image_stats_drift"] == 1
+    stats = {s["name"]: s for s in res["image_stats"]}
+    changed = "contrast" if kind == "contrast" else "sharpness"
+    assert stats[changed]["p_adjusted"] < 0.01
+    assert stats[changed]["batch_mean"] < stats[changed]["ref_mean"]
+
+
+def test_drift_is_deterministic(demo):
+    a, b = flat_metrics(_compare(demo, "blur")), flat_metrics(_compare(demo, "blur"))
+    assert a == b
+
+
+def test_mmd_permutation_test_on_gaussians():
+    rng = np.random.default_rng(0)
+    A = rng.normal(0, 1, (150, 5))
+    same = rng.normal(0, 1, (100, 5))
+    moved = rng.normal(0, 1, (100, 5)) + np.array([0.6, 0, 0, 0, 0])
+    assert rbf_mmd_test(A, same, 200, 0)["p_value"] > 0.05
+    assert rbf_mmd_test(A, moved, 200, 0)["p_value"] < 0.01
+
+
+def test_prediction_shift_is_reported_apart_from_image_drift():
+    rng = np.random.default_rng(1)
+    X = rng.normal(0, 1, (300, 20))
+    S = rng.normal(100, 10, (300, 3))
+    p_ref = rng.uniform(0, 1, 300)
+    p_new = np.clip(rng.uniform(0, 1, 200) + 0.4, 0, 1)  # many more positives, same images
+    res = compare(X, X[:200], S, S[:200], p_ref, p_new, 0.5, **KW)
+    assert res["prediction_shift"] == 1 and res["drift"] == 0
+
+
+def test_report_page_is_self_contained(demo, tmp_path):
+    res = _compare(demo, "contrast")
+    html = render_html(res, batch_name="contrast <batch>", Z_ref=res["Z_ref"], Z_new=res["Z_new"],
+                       stats_ref=demo["ref"][1], stats_new=demo["contrast"][1],
+                       typical_paths=demo["paths_new"][:2])
+    assert "Drift detected" in html and "contrast &lt;batch&gt;" in html
+    assert html.count("data:image/png;base64,") == 2
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert html == render_html(res, batch_name="contrast <batch>", Z_ref=res["Z_ref"],
+                               Z_new=res["Z_new"], stats_ref=demo["ref"][1],
+                               stats_new=demo["contrast"][1], typical_paths=demo["paths_new"][:2])

@@ -1,0 +1,173 @@
+"""Batch inference: a real model bundle (random-init ResNet18 at 32 px + logistic
+regression, saved with skops) trained here on tiny real images; the CLI runs as a user
+runs it. Also imported by test_api.py / test_drift.py for the same fixture."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import imagefactory as F
+from triage.embed import Embedder
+from triage.inference import (PREDICTION_COLUMNS, FingerprintMismatch, Predictor, build_embedder,
+                              model_version, qc_image)
+from triage.models import make_classifier, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def blob_image(path, cancer: bool, seed: int, size: int = 48) -> Path:
+    """Texture, plus a bright disc for 'cancer': separable even by random features."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(90, 20, (size, size))
+    if cancer:
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        a[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2] += 110
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def write_params(path: Path, model: Path, **overrides) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["embed"].update(weights="random", seed=0, image_size=SIZE, batch_size=8,
+                           num_workers=0, device="cpu", precision="fp32", weights_sha256=None)
+    params["inference"]["model"] = str(model)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def train_tiny_model(root: Path, n: int = 16) -> dict:
+    """Real images → real embedder → logreg → skops bundle. Returns paths and objects."""
+    root = Path(root)
+    paths, y = [], []
+    for i in range(n):
+        cancer = i % 2 == 0
+        paths.append(blob_image(root / "train" / f"{i:03d}.png", cancer, seed=i))
+        y.append("cancer" if cancer else "normal")
+    emb = Embedder("random", seed=0, image_size=SIZE, batch_size=8, num_workers=0,
+                   device="cpu").fit()
+    X = emb.transform([str(p) for p in paths])
+    model = make_classifier("logreg", 1.0).fit(X, np.array(y))
+    bundle = {"model": model, "name": "semi_supervised", "positive_class": "cancer",
+              "classes": [str(c) for c in model.classes_], "threshold": 0.5,
+              "target_sensitivity": 0.95,
+              "embedding_fingerprint": emb.fingerprint_["fingerprint"]}
+    model_path = root / "data/models/semi_supervised.skops"
+    save_model(bundle, model_path)
+    params = write_params(root / "params.yaml", model_path)
+    return {"root": root, "model": model_path, "params": params, "embedder": emb,
+            "bundle": bundle, "X": X, "y": np.array(y)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def _run_cli(args, cwd, env=None):
+    env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "scripts/predict.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True)
+
+
+def test_batch_cli_writes_predictions_with_qc_status(tiny, tmp_path):
+    new = tmp_path / "patient_doe_batch"
+    good = [blob_image(new / f"scan_{i}.png", cancer=i < 3, seed=100 + i) for i in range(6)]
+    F.write_truncated_jpeg(new / "sub" / "cut_transfer.jpg", seed=1)
+    F.write_text_as_image(new / "notes.png")
+    F.write_blank(new / "flat.png", size=(48, 48))
+    out = tmp_path / "pred.csv"
+    res = _run_cli([str(new), "--out", str(out), "--params", str(tiny["params"]),
+                    "--embeddings", str(tmp_path / "none.parquet")], cwd=tiny["root"])
+    assert res.returncode == 0, res.stderr
+    df = pd.read_csv(out)
+    assert list(df.columns) == PREDICTION_COLUMNS
+    assert len(df) == 9
+    status = df.set_index(df["path"].map(lambda p: Path(p).name))["qc_status"]
+    assert status["cut_transfer.jpg"] == "decode_error"
+    assert status["notes.png"] == "not_an_image"
+    assert status["flat.png"] == "blank"
+    bad = df[df["qc_status"] != "ok"]
+    assert bad["probability"].isna().all() and bad["decision"].isna().all()
+    assert bad["needs_review"].all()
+    ok = df[df["qc_status"] == "ok"].sort_values("path")
+    assert len(ok) == 6 and ok["probability"].between(0, 1).all()
+    # same numbers as the model applied directly to the same embedder's vectors
+    p = tiny["bundle"]["model"].predict_proba(tiny["embedder"].transform([str(g) for g in good]))
+    p = p[:, list(tiny["bundle"]["classes"]).index("cancer")]
+    assert np.allclose(ok["probability"].to_numpy(), p, atol=1e-6)
+    assert (ok["decision"] == np.where(p >= 0.5, "cancer", "normal")).all()
+    margin = yaml.safe_load(tiny["params"].read_text())["inference"]["review_margin"]
+    assert (ok["needs_review"] == (np.abs(p - 0.5) <= margin)).all()
+    assert ok["id"].tolist() == [hashlib.sha256(g.read_bytes()).hexdigest() for g in good]
+    # no file names or folder names in anything printed
+    for name in ("patient_doe", "scan_", "cut_transfer", "notes.png", "flat.png"):
+        assert name not in res.stdout + res.stderr
+
+
+def test_cli_refuses_an_embedder_with_another_fingerprint(tiny, tmp_path):
+    params = write_params(tmp_path / "params.yaml", tiny["model"], **{"embed.image_size": 48})
+    blob_image(tmp_path / "new" / "a.png", True, 1)
+    res = _run_cli([str(tmp_path / "new"), "--out", str(tmp_path / "p.csv"), "--params",
+                    str(params), "--embeddings", str(tmp_path / "none.parquet")], cwd=tiny["root"])
+    assert res.returncode == 1
+    assert "embedding fingerprint mismatch" in res.stderr
+    assert tiny["bundle"]["embedding_fingerprint"] in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_mismatch_names_the_differing_fields_from_the_stored_fingerprint(tiny):
+    # a model trained on the same embedder under another torch version (an upgrade)
+    stored = {k: v for k, v in tiny["embedder"].fingerprint_.items() if k != "fingerprint"}
+    stored["torch"] = "2.0.0"
+    stored["fingerprint"] = hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16]
+    embed = yaml.safe_load(tiny["params"].read_text())["embed"]
+    with pytest.raises(FingerprintMismatch, match="torch: model '2.0.0' vs here"):
+        build_embedder(stored["fingerprint"], embed, stored)
+    # the stored fingerprint of the model rebuilds it even when params say otherwise
+    real = dict(tiny["embedder"].fingerprint_)
+    emb = build_embedder(real["fingerprint"], {**embed, "image_size": 64}, real)
+    assert emb.image_size == SIZE
+
+
+def test_qc_image_statuses(tmp_path):
+    qc = yaml.safe_load((ROOT / "params.yaml").read_text())["qc"]
+    assert qc_image(blob_image(tmp_path / "a.png", False, 0), qc)["qc_status"] == "ok"
+    assert qc_image(F.write_zero_byte(tmp_path / "z.png"), qc)["qc_status"] == "zero_byte"
+    assert qc_image(F.write_tiny(tmp_path / "t.png"), qc)["qc_status"] == "too_small"
+
+
+def test_model_version_prefers_dvc_lock_only_when_it_matches(tiny, tmp_path):
+    model = tiny["model"]
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    lock = tmp_path / "dvc.lock"
+    rel = os.path.relpath(model, tmp_path)
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {"outs": [
+        {"path": rel, "hash": "md5", "md5": md5}]}}}))
+    assert model_version(model, lock) == {"version": md5, "source": "dvc.lock"}
+    lock.write_text(lock.read_text().replace(md5, "0" * 32))  # stale lock
+    assert model_version(model, lock) == {"version": md5, "source": "file md5"}
+    assert model_version(model, tmp_path / "missing.lock")["source"] == "file md5"
+
+
+def test_predictor_is_deterministic(tiny, tmp_path):
+    params = yaml.safe_load(tiny["params"].read_text())
+    imgs = [str(blob_image(tmp_path / f"{i}.png", i % 2 == 0, 50 + i)) for i in range(3)]
+    pred = Predictor.from_files(tiny["model"], params, embeddings_path=None)
+    a, b = pred.predict_paths(imgs), pred.predict_paths(imgs[::-1])
+    assert a["probability"].tolist() == b["probability"].tolist()[::-1]  # batch order irrelevant
+    json.dumps(a.to_dict(orient="records"))  # serialisable as the API returns it

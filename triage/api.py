@@ -1,0 +1,156 @@
+"""Prediction API (FastAPI): ``POST /predict``, ``GET /health``, ``GET /model``.
+
+Start it from the repository root (reads params.yaml and the model of inference.model)::
+
+    python -m triage.api --port 8000          # or: uvicorn triage.api:app --port 8000
+
+``POST /predict`` takes one image as multipart field ``file`` and answers the batch CLI's
+fields (id, path = null, probability, decision, needs_review, qc_status, qc_detail).
+Empty, oversized (inference.max_upload_mb) or undecodable uploads get a 4xx with a clear
+message. An image that decodes but fails QC (blank, too small...) is answered 200 with its
+qc_status and no probability. Nothing logs file names or image bytes: the upload is
+written to a private temporary folder under a fixed name and deleted after the request.
+
+Decision support for triage only, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, UploadFile
+
+from .errors import PipelineError
+from .inference import Predictor, model_version, operating_metrics
+from .params import load_params
+
+log = logging.getLogger("triage.api")
+
+OPERATING_KEYS = ("threshold", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc",
+                  "f1", "accuracy", "brier", "ece")
+MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
+UNREADABLE = ("not_an_image", "decode_error", "decompression_bomb", "too_large",
+              "unsupported_mode", "zero_byte", "unreadable", "non_utf8_filename")
+
+
+def create_app(model_path: str | Path | None = None, params_path: str | Path = "params.yaml", *,
+               metrics_path: str | Path = "metrics/evaluate/metrics.json",
+               lock_path: str | Path = "dvc.lock",
+               embeddings_path: str | Path | None = "data/features/embeddings.parquet"):
+    """Build the app; loads the model and its embedder once (refuses a fingerprint mismatch)."""
+    params = load_params(params_path)
+    model_path = Path(model_path or params["inference"]["model"])
+    # One image per request: no DataLoader workers.
+    predictor = Predictor.from_files(model_path, params, embeddings_path=embeddings_path,
+                                     num_workers=0)
+    max_bytes = int(params["inference"]["max_upload_mb"] * 1024 * 1024)
+    name = str(predictor.bundle.get("name", model_path.stem))
+    version = model_version(model_path, lock_path)
+    metrics = operating_metrics(metrics_path, name)
+    info = {
+        "name": name,
+        "path": model_path.as_posix(),
+        "version": version["version"],
+        "version_source": version["source"],
+        "positive_class": predictor.positive,
+        "classes": [str(c) for c in predictor.bundle.get("classes", [])],
+        "threshold": predictor.threshold,
+        "target_sensitivity": predictor.bundle.get("target_sensitivity"),
+        "review_margin": predictor.review_margin,
+        "embedding_fingerprint": predictor.bundle["embedding_fingerprint"],
+        "max_upload_bytes": max_bytes,
+        "operating_point": {k: metrics[k] for k in OPERATING_KEYS if k in metrics},
+        "operating_point_ci": {k: metrics[k] for k in sorted(metrics)
+                               if k.endswith(("_ci_low", "_ci_high"))},
+        "intended_use": "decision support for triage, not a diagnosis",
+    }
+    lock = threading.Lock()  # torch inference on CPU: one request at a time
+
+    app = FastAPI(title="triage", version=version["version"][:12],
+                  description="Semi-supervised image triage (decision support, not diagnosis)")
+
+    @app.middleware("http")
+    async def refuse_huge_bodies(request, call_next):
+        # Refuse before the multipart body is read (spooled) when the size is declared.
+        declared = request.headers.get("content-length", "")
+        if request.url.path == "/predict" and declared.isdigit() and \
+                int(declared) > max_bytes + MULTIPART_OVERHEAD:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"detail": f"upload too large: more than {max_bytes} bytes "
+                                           f"(inference.max_upload_mb)"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": name, "version": version["version"]}
+
+    @app.get("/model")
+    def model() -> dict:
+        return info
+
+    @app.post("/predict")
+    def predict(file: UploadFile = File(..., description="one image file")) -> dict:
+        data = file.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"upload too large: more than {max_bytes} bytes "
+                                     f"(inference.max_upload_mb={params['inference']['max_upload_mb']})")
+        if not data:
+            raise HTTPException(400, "empty upload: send one image file in the form field 'file'")
+        with tempfile.TemporaryDirectory(prefix="triage-api-") as tmp:
+            path = Path(tmp) / "upload"
+            path.write_bytes(data)
+            os.chmod(path, 0o600)
+            with lock:
+                row = predictor.predict_paths([str(path)], [None]).iloc[0].to_dict()
+        if row["qc_status"] in UNREADABLE:
+            raise HTTPException(415, f"not a readable image ({row['qc_status']}): send a PNG, "
+                                     f"JPEG, TIFF or another format Pillow decodes")
+        row["path"] = None
+        row["needs_review"] = bool(row["needs_review"])
+        row["model_version"] = version["version"]
+        row["threshold"] = predictor.threshold
+        for key in ("probability", "decision", "qc_detail"):
+            if row[key] != row[key]:  # NaN from pandas → null
+                row[key] = None
+        log.info("predict: qc=%s needs_review=%s", row["qc_status"], row["needs_review"])
+        return row
+
+    return app
+
+
+def __getattr__(name: str):
+    """``uvicorn triage.api:app`` builds the default app lazily (importing stays cheap)."""
+    if name == "app":
+        global app
+        app = create_app()  # noqa: PLW0603
+        return app
+    raise AttributeError(name)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description="Serve the triage model over HTTP")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model", default=None, help="model bundle (default: params inference.model)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("TRIAGE_LOGLEVEL", "INFO"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        application = create_app(args.model, args.params)
+    except PipelineError as exc:
+        raise SystemExit(f"ERROR: {exc}") from None
+    uvicorn.run(application, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

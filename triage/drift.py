@@ -1,0 +1,272 @@
+"""Drift of a new batch of images against the training pool (labelled + unlabelled).
+
+Three families of signals, each tested at ``alpha`` (Bonferroni inside a family):
+
+* **embedding** — kernel two-sample test: MMD² with an RBF kernel (median-distance
+  bandwidth) in a PCA space fitted on the pool, permutation p-value; plus a KS test per
+  PCA component (Bonferroni over components). Either significant → embedding drift.
+* **image statistics** (the QC measurements) — KS on per-image mean intensity, contrast
+  (pixel std) and sharpness (mean |Laplacian| after resizing to the embedding size).
+* **prediction** — predicted-positive rate at the operating threshold, Fisher exact test.
+  A change can be a real change of prevalence rather than of the images, so it is
+  reported on its own (``prediction_shift``) and does not make ``drift`` true by itself.
+
+Everything is seeded (subsampling, permutations): the same inputs give the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+
+import numpy as np
+from PIL import Image
+from scipy.stats import fisher_exact, ks_2samp
+from sklearn.decomposition import PCA
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .errors import PipelineError
+from .images import load_grey
+
+STAT_NAMES = ("mean_intensity", "contrast", "sharpness")
+
+
+def subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of at most ``k`` of ``n`` items (all when n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def image_stats(paths, size: int) -> np.ndarray:
+    """(n, 3) mean intensity, contrast (std) and sharpness (mean |Laplacian|), 0-255 scale,
+    of each image as the embedding sees it (greyscale, resized to size×size)."""
+    out = np.full((len(paths), 3), np.nan)
+    for i, p in enumerate(paths):
+        try:
+            a = np.asarray(load_grey(str(p), size), dtype=np.float64)
+        except Exception:  # noqa: BLE001 - unreadable images are QC's business
+            continue
+        lap = (4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:])
+        out[i] = a.mean(), a.std(), np.abs(lap).mean()
+    return out
+
+
+def rbf_mmd_test(A: np.ndarray, B: np.ndarray, n_permutations: int, seed: int) -> dict:
+    """Biased MMD² (RBF, median heuristic) and its permutation p-value."""
+    Z = np.concatenate([A, B]).astype(np.float64)
+    sq = (Z * Z).sum(1)
+    D2 = np.maximum(sq[:, None] + sq[None] - 2 * Z @ Z.T, 0.0)
+    iu = np.triu_indices(len(Z), 1)
+    sigma2 = float(np.median(D2[iu])) or 1.0
+    K = np.exp(-D2 / (2 * sigma2))
+    nA, nB = len(A), len(B)
+    w = np.concatenate([np.full(nA, 1.0 / nA), np.full(nB, -1.0 / nB)])
+    stat = float(w @ K @ w)
+    rng = np.random.default_rng(seed)
+    perms = np.array([(lambda v: v @ K @ v)(rng.permutation(w)) for _ in range(n_permutations)])
+    p = (1 + int((perms >= stat).sum())) / (1 + n_permutations)
+    # witness: how much each point looks like the batch rather than the pool
+    witness = K[:, nA:].mean(1) - K[:, :nA].mean(1)
+    return {"mmd2": stat, "p_value": p, "null_mean": float(perms.mean()),
+            "bandwidth": float(np.sqrt(sigma2)), "witness_batch": witness[nA:]}
+
+
+def ks_family(ref: np.ndarray, new: np.ndarray, names) -> list[dict]:
+    """KS per column, with Bonferroni-adjusted p-values over the columns."""
+    rows = []
+    k = ref.shape[1]
+    for j, name in enumerate(names):
+        a, b = ref[:, j], new[:, j]
+        a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+        if len(a) < 2 or len(b) < 2:
+            continue
+        r = ks_2samp(a, b)
+        rows.append({"name": name, "ks": float(r.statistic), "p_value": float(r.pvalue),
+                     "p_adjusted": float(min(1.0, r.pvalue * k)),
+                     "ref_mean": float(a.mean()), "batch_mean": float(b.mean())})
+    return rows
+
+
+def compare(X_ref: np.ndarray, X_new: np.ndarray, stats_ref: np.ndarray, stats_new: np.ndarray,
+            p_ref: np.ndarray, p_new: np.ndarray, threshold: float, *, alpha: float,
+            n_permutations: int, pca_components: int, seed: int) -> dict:
+    """All drift signals of ``new`` vs ``ref`` (already subsampled); see module docstring."""
+    if 1.0 / (n_permutations + 1) >= alpha:
+        raise PipelineError(f"drift.n_permutations={n_permutations} cannot give a p-value below "
+                            f"drift.alpha={alpha}: use at least {int(np.ceil(1 / alpha))}")
+    n_comp = int(min(pca_components, len(X_ref) - 1, X_ref.shape[1]))
+    space = Pipeline([("scale", StandardScaler()),
+                      ("pca", PCA(n_components=n_comp, random_state=seed))]).fit(X_ref)
+    Z_ref, Z_new = space.transform(X_ref), space.transform(X_new)
+    mmd = rbf_mmd_test(Z_ref, Z_new, n_permutations, seed)
+    comps = ks_family(Z_ref, Z_new, [f"pc{i + 1}" for i in range(n_comp)])
+    ks_min = min((c["p_adjusted"] for c in comps), default=1.0)
+    stats = ks_family(stats_ref, stats_new, STAT_NAMES)
+    stats_min = min((s["p_adjusted"] for s in stats), default=1.0)
+    pos_ref, pos_new = p_ref >= threshold, p_new >= threshold
+    table = [[int(pos_new.sum()), int((~pos_new).sum())], [int(pos_ref.sum()), int((~pos_ref).sum())]]
+    rate_p = float(fisher_exact(table).pvalue) if len(p_ref) and len(p_new) else 1.0
+    embedding = bool(mmd["p_value"] < alpha or ks_min < alpha)
+    image = bool(stats_min < alpha)
+    prediction = bool(rate_p < alpha)
+    return {
+        "n_reference": int(len(X_ref)), "n_batch": int(len(X_new)),
+        "drift": int(embedding or image),
+        "embedding_drift": int(embedding), "image_stats_drift": int(image),
+        "prediction_shift": int(prediction),
+        "mmd": {k: v for k, v in mmd.items() if k != "witness_batch"},
+        "witness_batch": mmd["witness_batch"], "Z_ref": Z_ref, "Z_new": Z_new,
+        "pca_ks": comps, "pca_ks_min_p_adjusted": ks_min,
+        "pca_explained_variance": float(space["pca"].explained_variance_ratio_.sum()),
+        "image_stats": stats, "image_stats_min_p_adjusted": stats_min,
+        "positive_rate": {"reference": float(pos_ref.mean()) if len(pos_ref) else float("nan"),
+                          "batch": float(pos_new.mean()) if len(pos_new) else float("nan"),
+                          "p_value": rate_p, "threshold": float(threshold)},
+        "alpha": alpha,
+    }
+
+
+def flat_metrics(res: dict, extra: dict | None = None) -> dict:
+    """Rounded scalar metrics for DVCLive (``a/b`` keys nest)."""
+    r6 = lambda v: round(float(v), 6)  # noqa: E731
+    m = {"drift": res["drift"], "embedding_drift": res["embedding_drift"],
+         "image_stats_drift": res["image_stats_drift"], "prediction_shift": res["prediction_shift"],
+         "n_reference": res["n_reference"], "n_batch": res["n_batch"],
+         "embedding/mmd2": r6(res["mmd"]["mmd2"]), "embedding/mmd_p_value": r6(res["mmd"]["p_value"]),
+         "embedding/pca_ks_min_p_adjusted": r6(res["pca_ks_min_p_adjusted"]),
+         "embedding/pca_ks_max": r6(max((c["ks"] for c in res["pca_ks"]), default=0.0)),
+         "positive_rate/reference": r6(res["positive_rate"]["reference"]),
+         "positive_rate/batch": r6(res["positive_rate"]["batch"]),
+         "positive_rate/p_value": r6(res["positive_rate"]["p_value"])}
+    for s in res["image_stats"]:
+        m[f"image_stats/{s['name']}/ks"] = r6(s["ks"])
+        m[f"image_stats/{s['name']}/p_adjusted"] = r6(s["p_adjusted"])
+        m[f"image_stats/{s['name']}/reference_mean"] = r6(s["ref_mean"])
+        m[f"image_stats/{s['name']}/batch_mean"] = r6(s["batch_mean"])
+    m.update(extra or {})
+    return m
+
+
+# --------------------------------------------------------------------------- HTML
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1100px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:.9em}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.bad{background:#fdecea;border-left:4px solid #c62828;padding:8px 12px}
+.ok{background:#e8f5e9;border-left:4px solid #2e7d32;padding:8px 12px}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:110px;font-size:.75em;text-align:center}
+.muted{color:#666;font-size:.85em}
+"""
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return escape(str(v))
+
+
+def _table(header, rows) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f'<td{" class=n" if k else ""}>{_fmt(v)}</td>'
+                                    for k, v in enumerate(r)) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def hist_svg(series: dict[str, np.ndarray], lo: float, hi: float, title: str,
+             bins: int = 30, width: int = 340, height: int = 160) -> str:
+    """Density histograms (as lines) of several samples on one small inline SVG."""
+    colours = ["#7f7f7f", "#d62728", "#1f77b4"]
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    dens = {k: np.histogram(np.clip(v[np.isfinite(v)], edges[0], edges[-1]), edges)[0]
+            / max(np.isfinite(v).sum(), 1) for k, v in series.items()}
+    top = max((d.max() for d in dens.values()), default=1.0) or 1.0
+    pl, pt, pb = 8, 18, 18
+    iw, ih = width - 2 * pl, height - pt - pb
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}"><text x="{pl}" y="12" font-size="11">{escape(title)}</text>',
+             f'<rect x="{pl}" y="{pt}" width="{iw}" height="{ih}" fill="#fafafa" stroke="#ccc"/>',
+             f'<text x="{pl}" y="{height - 4}" font-size="9">{lo:.3g}</text>',
+             f'<text x="{width - pl}" y="{height - 4}" font-size="9" text-anchor="end">{hi:.3g}</text>']
+    for n, (name, d) in enumerate(dens.items()):
+        pts = " ".join(f"{pl + iw * (b + 0.5) / bins:.1f},{pt + ih * (1 - v / top):.1f}"
+                       for b, v in enumerate(d))
+        c = colours[n % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"/>'
+                     f'<text x="{width - pl - 4}" y="{pt + 12 + 12 * n}" font-size="10" '
+                     f'text-anchor="end" fill="{c}">{escape(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _thumb(path: str, px: int = 96) -> str | None:
+    try:
+        im = load_grey(str(path))
+        im.thumbnail((px, px), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    except Exception:  # noqa: BLE001
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref=None,
+                stats_new=None, p_ref=None, p_new=None, typical_paths=(), qc_failed: int = 0,
+                n_files: int | None = None) -> str:
+    """Self-contained drift page (no external resources, no timestamps: deterministic)."""
+    verdict = res["drift"]
+    head = (f'<div class="{"bad" if verdict else "ok"}"><b>{"Drift detected" if verdict else "No drift detected"}</b>'
+            f' for {escape(batch_name)} against the training pool (embedding: '
+            f'{"drift" if res["embedding_drift"] else "no drift"}; image statistics: '
+            f'{"drift" if res["image_stats_drift"] else "no drift"}). Predicted-positive rate '
+            f'{res["positive_rate"]["batch"]:.1%} vs {res["positive_rate"]["reference"]:.1%} in the pool'
+            f'{" — <b>shifted</b>" if res["prediction_shift"] else " — no significant shift"}.</div>')
+    rows = [["MMD² (RBF, PCA space), permutation p", res["mmd"]["mmd2"], res["mmd"]["p_value"],
+             "yes" if res["mmd"]["p_value"] < res["alpha"] else "no"],
+            ["KS per PCA component, min Bonferroni p", max((c["ks"] for c in res["pca_ks"]), default=0.0),
+             res["pca_ks_min_p_adjusted"], "yes" if res["pca_ks_min_p_adjusted"] < res["alpha"] else "no"]]
+    for s in res["image_stats"]:
+        rows.append([f"KS {s['name']} (mean {s['ref_mean']:.3g} → {s['batch_mean']:.3g}), Bonferroni p",
+                     s["ks"], s["p_adjusted"], "yes" if s["p_adjusted"] < res["alpha"] else "no"])
+    pr = res["positive_rate"]
+    rows.append([f"predicted-positive rate {pr['reference']:.3f} → {pr['batch']:.3f} (Fisher exact)",
+                 pr["batch"] - pr["reference"], pr["p_value"], "yes" if res["prediction_shift"] else "no"])
+    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>Drift report</title>"
+            f"<style>{CSS}</style></head><body><h1>Drift report: {escape(batch_name)}</h1>", head,
+            f"<p class='muted'>{res['n_batch']} batch images vs {res['n_reference']} pool images "
+            f"(each side subsampled, seeded). Significance α = {res['alpha']} per family "
+            f"(Bonferroni inside a family). PCA ({len(res['pca_ks'])} components, "
+            f"{res['pca_explained_variance']:.0%} of the variance) fitted on the pool.</p>"]
+    if n_files is not None:
+        body.append(f"<p>{n_files} files in the batch, {qc_failed} failed QC (not compared).</p>")
+    body += ["<h2>Signals</h2>", _table(["signal", "statistic", "p", f"significant (α={res['alpha']})"], rows)]
+    charts = []
+    if Z_ref is not None and Z_new is not None:
+        for j in range(min(3, Z_ref.shape[1])):
+            lo, hi = np.percentile(np.concatenate([Z_ref[:, j], Z_new[:, j]]), [0.5, 99.5])
+            charts.append(hist_svg({"pool": Z_ref[:, j], "batch": Z_new[:, j]}, lo, hi, f"PCA component {j + 1}"))
+    if stats_ref is not None and stats_new is not None:
+        for j, name in enumerate(STAT_NAMES):
+            both = np.concatenate([stats_ref[:, j], stats_new[:, j]])
+            both = both[np.isfinite(both)]
+            if len(both):
+                lo, hi = np.percentile(both, [0.5, 99.5])
+                charts.append(hist_svg({"pool": stats_ref[:, j], "batch": stats_new[:, j]}, lo, hi, name))
+    if p_ref is not None and p_new is not None:
+        charts.append(hist_svg({"pool": p_ref, "batch": p_new}, 0.0, 1.0, "P(positive)"))
+    if charts:
+        body += ["<h2>Distributions (pool grey, batch red)</h2>", '<div class="grid">' + "".join(charts) + "</div>"]
+    if typical_paths:
+        cards = []
+        for p in typical_paths:
+            uri = _thumb(p)
+            img = f'<img src="{uri}" alt="">' if uri else "<div>no preview</div>"
+            cards.append(f'<div class="card">{img}</div>')
+        body += ["<h2>Batch images most unlike the pool</h2>",
+                 "<p class='muted'>Largest MMD witness values: where the batch differs most.</p>",
+                 '<div class="grid">' + "".join(cards) + "</div>"]
+    body.append("<p class='muted'>Embeds images: a DVC output, never committed to git.</p></body></html>")
+    return "\n".join(body)

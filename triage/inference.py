@@ -1,0 +1,233 @@
+"""Inference on new images: QC, embedding with the model's exact fingerprint, prediction.
+
+Used by the batch CLI (``scripts/predict.py``), the API (``triage.api``) and the drift
+stage. The embedder is rebuilt from the fingerprint stored with the training embeddings
+(when it is the model's) or from ``params.yaml`` ``embed.*``; if the rebuilt embedder's
+fingerprint is not the one the model was trained on, :func:`build_embedder` refuses with
+the differing fields named. Nothing here logs file names or pixel data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .embed import Embedder
+from .errors import PipelineError
+from .io import log
+from .prepare import describe_file, list_files
+from .qc import inspect_image
+
+PREDICTION_COLUMNS = ["id", "path", "probability", "decision", "needs_review", "qc_status",
+                      "qc_detail"]
+FINGERPRINT_FIELDS = ("weights", "weights_seed", "weights_sha256", "image_size", "precision",
+                      "preprocess", "fused_batchnorm", "torch", "torchvision")
+
+
+class FingerprintMismatch(PipelineError):
+    """The embedding the model was trained on cannot be rebuilt here."""
+
+
+# --------------------------------------------------------------------------- model metadata
+def md5_file(path: str | Path) -> str:
+    h = hashlib.md5()  # noqa: S324 - the DVC content hash, not security
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_version(model_path: str | Path, lock_path: str | Path = "dvc.lock") -> dict:
+    """Model version = its DVC hash: md5 of the model in dvc.lock (stage train outs),
+    else the md5 of the file itself (``source`` says which). The lock hash is used
+    only when it matches the file, so a stale lock never names the wrong model."""
+    model_path = Path(model_path)
+    digest = md5_file(model_path)
+    lock_path = Path(lock_path)
+    if lock_path.is_file():
+        try:
+            lock = yaml.safe_load(lock_path.read_text()) or {}
+            root = lock_path.resolve().parent
+            for stage in (lock.get("stages") or {}).values():
+                for out in stage.get("outs") or []:
+                    if (root / out.get("path", "")).resolve() == model_path.resolve():
+                        if out.get("md5") == digest:
+                            return {"version": digest, "source": "dvc.lock"}
+        except (yaml.YAMLError, AttributeError, TypeError):
+            pass
+    return {"version": digest, "source": "file md5"}
+
+
+def operating_metrics(metrics_path: str | Path, name: str) -> dict:
+    """The evaluate metrics of model ``name`` (``semi_supervised`` ...), {} if unavailable."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return {}
+    try:
+        return dict(json.loads(metrics_path.read_text()).get(name, {}))
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- embedder
+def stored_fingerprint(embeddings_path: str | Path | None) -> dict:
+    """The full fingerprint dict of the training embeddings (Parquet schema metadata)."""
+    if embeddings_path is None or not Path(embeddings_path).is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(embeddings_path).metadata or {}
+    try:
+        return json.loads(meta.get(b"embedding_fingerprint", b"{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
+    """Embedder arguments: what defines the vectors comes from ``stored`` (the training
+    fingerprint) when given, else from params; runtime knobs always from params."""
+    kw = dict(weights=embed_params["weights"], seed=embed_params["seed"],
+              weights_sha256=embed_params.get("weights_sha256") or None,
+              image_size=embed_params["image_size"], precision=embed_params["precision"],
+              batch_size=embed_params.get("batch_size", 64), device=embed_params.get("device", "auto"),
+              num_workers=embed_params.get("num_workers", 0))
+    if stored:
+        w = str(stored.get("weights", ""))
+        kw["weights"] = "imagenet" if w.startswith("imagenet") else w or kw["weights"]
+        if w == "random":
+            kw["seed"] = int(stored.get("weights_seed", kw["seed"]))
+        elif stored.get("weights_sha256") and not w.startswith("imagenet"):
+            kw["weights_sha256"] = stored["weights_sha256"]  # the same weights file, checked
+        kw["image_size"] = int(stored.get("image_size", kw["image_size"]))
+        kw["precision"] = str(stored.get("precision", kw["precision"]))
+    return kw
+
+
+def build_embedder(expected: str, embed_params: dict, stored: dict | None = None,
+                   **overrides) -> Embedder:
+    """Fit an Embedder whose fingerprint is ``expected`` (the model's), or refuse.
+
+    ``stored`` is used only if it is the expected fingerprint (a stale embeddings file
+    is ignored and params decide).
+    """
+    use = stored if stored and stored.get("fingerprint") == expected else None
+    kw = {**embedder_kwargs(embed_params, use), **overrides}
+    emb = Embedder(**kw).fit()
+    got = emb.fingerprint_["fingerprint"]
+    if got != expected:
+        diff = ""
+        if stored and stored.get("fingerprint") == expected:
+            fields = [f"{k}: model {stored.get(k)!r} vs here {emb.fingerprint_.get(k)!r}"
+                      for k in FINGERPRINT_FIELDS if stored.get(k) != emb.fingerprint_.get(k)]
+            diff = " (" + "; ".join(fields) + ")" if fields else ""
+        raise FingerprintMismatch(
+            f"embedding fingerprint mismatch: the model was trained on embedding {expected}, "
+            f"this embedder gives {got}{diff}. Predictions would be meaningless: use the "
+            f"embed.* params (weights, seed, image_size, precision) and library versions the "
+            f"model was trained with, or retrain (`dvc repro`).")
+    return emb
+
+
+# --------------------------------------------------------------------------- QC
+def qc_image(path: str | Path, qc: dict) -> dict:
+    """QC of one new image with the pipeline's per-image checks (no duplicate checks).
+
+    Returns id (sha256 or None), status ('ok' or the quarantine reason), detail,
+    mean and std (0-255 greyscale) and sharpness (mean |Laplacian|, for drift).
+    """
+    info = describe_file(Path(path))
+    out = {"id": info["id"], "qc_status": "ok", "qc_detail": None, "mean": np.nan,
+           "std": np.nan, "width": info["width"], "height": info["height"]}
+
+    def fail(reason, detail):
+        out["qc_status"], out["qc_detail"] = reason, detail
+        return out
+
+    if info["bytes"] == 0:
+        return fail("zero_byte", "file is empty")
+    if info["read_error"]:
+        return fail(info["read_error"].split(":")[0], info["read_error"])
+    res = inspect_image(str(path), qc["max_pixels"], qc.get("convert_modes", True))
+    if res["decode_error"]:
+        return fail(res["decode_error"].split(":")[0], res["decode_error"])
+    w, h = int(info["width"]), int(info["height"])
+    out["mean"], out["std"] = res["mean"], res["std"]
+    if min(w, h) < qc["min_side"]:
+        return fail("too_small", f"{w}x{h} < qc.min_side={qc['min_side']}")
+    if max(w, h) / max(min(w, h), 1) > qc["max_aspect"]:
+        return fail("aspect_outlier", f"{max(w, h) / max(min(w, h), 1):.2f} > qc.max_aspect={qc['max_aspect']}")
+    if res["std"] < qc["min_std"]:
+        return fail("blank", f"pixel std {res['std']:.3f} < qc.min_std={qc['min_std']}")
+    return out
+
+
+# --------------------------------------------------------------------------- predictor
+class Predictor:
+    """Model bundle + matching embedder + QC and review rules → prediction rows."""
+
+    def __init__(self, bundle: dict, embedder: Embedder, *, qc: dict, review_margin: float):
+        self.bundle, self.embedder, self.qc = bundle, embedder, qc
+        self.review_margin = float(review_margin)
+        self.threshold = float(bundle["threshold"])
+        self.positive = str(bundle["positive_class"])
+        classes = [str(c) for c in bundle.get("classes", [])]
+        others = [c for c in classes if c != self.positive]
+        self.negative = others[0] if others else f"not_{self.positive}"
+
+    @classmethod
+    def from_files(cls, model_path: str | Path, params: dict,
+                   embeddings_path: str | Path | None = "data/features/embeddings.parquet",
+                   **embed_overrides) -> "Predictor":
+        from .models import load_model
+
+        bundle = load_model(model_path)
+        emb = build_embedder(bundle["embedding_fingerprint"], params["embed"],
+                             stored_fingerprint(embeddings_path), **embed_overrides)
+        return cls(bundle, emb, qc=params["qc"], review_margin=params["inference"]["review_margin"])
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        from .models import positive_proba
+
+        return positive_proba(self.bundle["model"], X, self.positive)
+
+    def predict_paths(self, paths: list[str], shown_paths: list[str] | None = None,
+                      return_vectors: bool = False):
+        """QC → embed (QC-passed only) → probability, decision, needs_review per image."""
+        shown = list(shown_paths) if shown_paths is not None else [str(p) for p in paths]
+        qc = [qc_image(p, self.qc) for p in paths]
+        ok = np.array([q["qc_status"] == "ok" for q in qc], dtype=bool)
+        X = self.embedder.transform([str(p) for p, good in zip(paths, ok) if good])
+        proba = np.full(len(paths), np.nan)
+        if ok.any():
+            proba[ok] = self.probabilities(X)
+        rows = []
+        for i, q in enumerate(qc):
+            p = proba[i]
+            scored = q["qc_status"] == "ok"
+            rows.append({
+                "id": q["id"], "path": shown[i],
+                "probability": round(float(p), 6) if scored else None,
+                "decision": (self.positive if p >= self.threshold else self.negative) if scored else None,
+                "needs_review": bool((not scored) or abs(p - self.threshold) <= self.review_margin),
+                "qc_status": q["qc_status"], "qc_detail": q["qc_detail"],
+            })
+        df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+        log.info("predict: %d images, %d passed QC, %d need review", len(df), int(ok.sum()),
+                 int(df["needs_review"].sum()))
+        if return_vectors:
+            return df, X, ok, qc
+        return df
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every (non-hidden) file under ``folder``, sorted; QC decides which are images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PipelineError(f"input folder not found: {folder}")
+    files, _ = list_files(folder)
+    return files

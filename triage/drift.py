@@ -16,12 +16,9 @@ Everything is seeded (subsampling, permutations): the same inputs give the same 
 
 from __future__ import annotations
 
-import base64
-import io
 from html import escape
 
 import numpy as np
-from PIL import Image
 from scipy.stats import fisher_exact, ks_2samp
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
@@ -29,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .errors import PipelineError
 from .images import load_grey
+from .qc_report import CSS as BASE_CSS, thumbnail_uri
 
 STAT_NAMES = ("mean_intensity", "contrast", "sharpness")
 
@@ -151,15 +149,11 @@ def flat_metrics(res: dict, extra: dict | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- HTML
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1100px}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:.9em}
-th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+# The QC page's look (shared with the error report), plus the verdict boxes of this page.
+CSS = BASE_CSS + """
 .bad{background:#fdecea;border-left:4px solid #c62828;padding:8px 12px}
 .ok{background:#e8f5e9;border-left:4px solid #2e7d32;padding:8px 12px}
-.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:110px;font-size:.75em;text-align:center}
-.muted{color:#666;font-size:.85em}
+.card{width:110px;border:none;text-align:center}
 """
 
 
@@ -200,17 +194,6 @@ def hist_svg(series: dict[str, np.ndarray], lo: float, hi: float, title: str,
                      f'<text x="{width - pl - 4}" y="{pt + 12 + 12 * n}" font-size="10" '
                      f'text-anchor="end" fill="{c}">{escape(name)}</text>')
     return "".join(parts) + "</svg>"
-
-
-def _thumb(path: str, px: int = 96) -> str | None:
-    try:
-        im = load_grey(str(path))
-        im.thumbnail((px, px), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-    except Exception:  # noqa: BLE001
-        return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref=None,
@@ -262,7 +245,7 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
     if typical_paths:
         cards = []
         for p in typical_paths:
-            uri = _thumb(p)
+            uri = thumbnail_uri(p)
             img = f'<img src="{uri}" alt="">' if uri else "<div>no preview</div>"
             cards.append(f'<div class="card">{img}</div>')
         body += ["<h2>Batch images most unlike the pool</h2>",

@@ -1,7 +1,8 @@
 """Stage `train`: labelled-only baseline and labelled + pseudo-labelled model, with thresholds.
 
 Each model's operating threshold is set on out-of-fold scores of the labelled set to reach
-evaluate.target_sensitivity, so the test set never influences it.
+evaluate.target_sensitivity, so the test set never influences it (and, for the
+semi-supervised model, the pseudo-labels of each fold come from its training labels only).
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from triage.crossval import fold_pseudo_labels  # noqa: E402
 from triage.embed import read_embeddings  # noqa: E402
 from triage.io import open_live, read_parquet, run_stage, write_parquet  # noqa: E402
 from triage.metrics import point_metrics, threshold_for_sensitivity  # noqa: E402
@@ -44,10 +46,19 @@ def main() -> None:
         "baseline": fit_weighted(pipe, X_lab, y_lab),
         "semi_supervised": fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps),
     }
+    # Out-of-fold scores set each threshold. For the semi-supervised model the pool is
+    # pseudo-labelled again inside every fold from that fold's training labels: the
+    # pipeline's pseudo-labels were made with all labels and would leak the held-out ones.
+    pool = (rows["split"] == "unlabeled").to_numpy()
+    ids_pool, X_pool = rows.loc[pool, "id"].to_numpy(dtype=object), X[pool]
+
+    def pseudo_for_fold(tr):
+        return fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)[1:]
+
     oof = {
         "baseline": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"], t["seed"]),
         "semi_supervised": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"],
-                                             t["seed"], X_ps, y_ps, w_ps),
+                                             t["seed"], pseudo_for_fold),
     }
     y_bin = (y_lab == positive).astype(int)
     oof_rows = []

@@ -200,15 +200,36 @@ def test_out_of_fold_never_scores_a_sample_with_a_model_that_saw_it():
     assert roc_auc_score(y_bin, oof) < 0.5
 
 
-def test_out_of_fold_uses_pseudo_labels_for_training_but_never_scores_them():
+def test_out_of_fold_pseudo_labels_come_from_the_fold_training_labels_only():
     X, y = _twins(n_pairs=20, seed=1)
     one_nn = Pipeline([("scale", StandardScaler()), ("clf", KNeighborsClassifier(1))])
-    # pseudo-labelled copies of the labelled points with their true labels: if they are
-    # added to every training fold, the 1-NN finds each point's exact copy.
+    seen = []
+
+    def pseudo_for_fold(tr):
+        # pseudo-labelled exact copies of the *training* points: all a fold may know
+        seen.append(set(tr.tolist()))
+        return X[tr].copy(), y[tr].copy(), np.ones(len(tr))
+
     oof = out_of_fold_proba(one_nn, X, y, "cancer", folds=4, seed=0,
-                            X_ps=X.copy(), y_ps=y.copy(), w_ps=np.ones(len(y)))
-    assert oof.shape == (len(y),)
-    np.testing.assert_array_equal(oof, (y == "cancer").astype(float))
+                            pseudo_for_fold=pseudo_for_fold)
+    assert len(seen) == 4
+    held_out = [set(range(len(y))) - s for s in seen]
+    assert all(h and not (h & s) for h, s in zip(held_out, seen))  # called with train only
+    assert set().union(*held_out) == set(range(len(y)))
+    # Copies of training points teach nothing about the held-out twins: still no better
+    # than chance. (Copies of *all* points — the pipeline's pseudo-labels, made with every
+    # label — would reproduce each held-out label exactly: the leak this API prevents.)
+    assert roc_auc_score((y == "cancer").astype(int), oof) < 0.5
+    leaky = out_of_fold_proba(one_nn, X, y, "cancer", folds=4, seed=0,
+                              pseudo_for_fold=lambda tr: (X.copy(), y.copy(), np.ones(len(y))))
+    np.testing.assert_array_equal(leaky, (y == "cancer").astype(float))
+
+
+def test_out_of_fold_needs_two_labels_per_class():
+    X, y = _labelled(n=20, seed=8)
+    keep = np.r_[np.flatnonzero(y == "normal"), np.flatnonzero(y == "cancer")[:1]]
+    with pytest.raises(PipelineError, match="at least 2 labelled images of each class"):
+        out_of_fold_proba(make_classifier("logreg"), X[keep], y[keep], "cancer", 5, seed=0)
 
 
 def test_out_of_fold_reduces_folds_for_a_small_class():

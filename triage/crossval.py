@@ -60,6 +60,30 @@ def cluster_for_fold(cluster_params: dict, X_fit: np.ndarray):
     return make_clusterer(cluster_params).fit(X_fit)
 
 
+def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np.ndarray,
+                       ids_pool: np.ndarray, X_pool: np.ndarray):
+    """Pseudo-labels made from these labels + the pool only: the clusterer (when the
+    strategy or HDBSCAN noise needs clusters) and the pseudo-labeller are refitted here.
+
+    Returns (pseudo rows, X_ps, y_ps, w_ps). Anything scored out of fold must get its
+    pseudo-labels from this with the fold's training labels, never from the pipeline's
+    pseudo-labels (made with every label).
+    """
+    p, t = params["pseudo"], params["train"]
+    pool_clusters = lab_clusters = None
+    if p["strategy"] in NEEDS_CLUSTERS or params["cluster"]["method"] == "hdbscan":
+        model = cluster_for_fold(params["cluster"], np.concatenate([X_lab, X_pool]))
+        lab_clusters, pool_clusters = model.labels_[: len(X_lab)], model.labels_[len(X_lab):]
+    pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, t["seed"],
+                          pool_clusters, lab_clusters, t["pseudo_weight_scale"])
+    where = pd.Series(np.arange(len(ids_pool)), index=ids_pool)
+    X_ps = X_pool[where.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X_pool[:0]
+    y_ps = pseudo["label"].to_numpy(dtype=object)
+    w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
+                          t["pseudo_weight_scale"])
+    return pseudo, X_ps, y_ps, w_ps
+
+
 def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: str,
                      folds: int, repeats: int, seed: int, level: float = 0.95,
                      truth: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
@@ -79,21 +103,11 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     classes = sorted(set(y_lab.tolist()))
     records = []
     for f, (tr, va) in enumerate(splits):
-        pool_clusters = lab_clusters = None
-        if p["strategy"] in NEEDS_CLUSTERS or params["cluster"]["method"] == "hdbscan":
-            model = cluster_for_fold(params["cluster"], np.concatenate([X_lab[tr], X_pool]))
-            lab_clusters = model.labels_[: len(tr)]
-            pool_clusters = model.labels_[len(tr):]
-        pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab[tr], y_lab[tr], t["seed"],
-                              pool_clusters, lab_clusters, t["pseudo_weight_scale"])
+        pseudo, X_ps, y_ps, w_ps = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr],
+                                                      ids_pool, X_pool)
         # Guard: a pseudo-label may only name a pool image, never a labelled one.
         if not set(pseudo["id"]).isdisjoint(ids_lab):
             raise AssertionError("cross-validation leak: a labelled image was pseudo-labelled")
-        where = pd.Series(np.arange(len(ids_pool)), index=ids_pool)
-        X_ps = X_pool[where.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X_pool[:0]
-        y_ps = pseudo["label"].to_numpy(dtype=object)
-        w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
-                              t["pseudo_weight_scale"])
         base = fit_weighted(pipe, X_lab[tr], y_lab[tr])
         semi = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], X_ps, y_ps, w_ps)
         y_va = (y_lab[va] == positive).astype(int)

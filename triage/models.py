@@ -109,19 +109,27 @@ def fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps) -> Pipeline:
 
 
 def out_of_fold_proba(pipe, X_lab, y_lab, positive, folds: int, seed: int,
-                      X_ps=None, y_ps=None, w_ps=None) -> np.ndarray:
+                      pseudo_for_fold=None) -> np.ndarray:
     """P(positive) for each labelled image from a model that did not see it.
 
-    Pseudo-labelled samples (if given) are added to every training fold; they are never
-    scored. Used to pick the operating threshold without touching test.
+    Used to pick the operating threshold without touching test. With
+    ``pseudo_for_fold(train_index) -> (X_ps, y_ps, w_ps)`` each fold's model is also
+    trained on pseudo-labelled pool samples (never scored). That callable must make them
+    from the fold's training labels only (refit the pseudo-labeller per fold, as
+    ``triage.crossval.fold_pseudo_labels`` does): pseudo-labels made with every label
+    carry the held-out labels into the fold, the scores become optimistic and the
+    threshold misses its target sensitivity.
     """
     y_lab = np.asarray(y_lab)
     n_min = int(min(np.unique(y_lab, return_counts=True)[1]))
+    if n_min < 2:
+        raise PipelineError("out-of-fold scores need at least 2 labelled images of each class")
     folds = max(2, min(folds, n_min))
     oof = np.zeros(len(y_lab))
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for tr, va in skf.split(X_lab, y_lab):
-        if X_ps is not None and len(X_ps):
+        if pseudo_for_fold is not None:
+            X_ps, y_ps, w_ps = pseudo_for_fold(tr)
             m = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], X_ps, y_ps, w_ps)
         else:
             m = fit_weighted(pipe, X_lab[tr], y_lab[tr])

@@ -182,6 +182,11 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
     # Platt scaling with balanced weights: calibrated under a 50/50 prior.
     platt = LogisticRegression(C=1e4, class_weight="balanced", max_iter=1000)
     platt.fit(oof[:, None], y_lab)
+    if platt.coef_[0, 0] <= 0:
+        # Held-out scores do not rise with the true class: the classifier carries no
+        # signal here, and a negative slope would turn its ranking upside down. Say so
+        # with P = 0.5 everywhere (callers accept nothing from it).
+        return np.full(len(Z_pool), 0.5), np.full(len(y_lab), 0.5)
     full = fit(*train_set(np.arange(len(y_lab))))
     return (platt.predict_proba(full(Z_pool)[:, None])[:, 1],
             platt.predict_proba(oof[:, None])[:, 1])
@@ -243,7 +248,9 @@ class ConfidencePseudoLabeler:
         self.threshold, self.C = threshold, C
         self.balance_classes, self.random_state = balance_classes, random_state
 
-    def fit_predict(self, pool_ids, X_pool, X_labeled, labeled_y) -> pd.DataFrame:
+    def fit_predict(self, pool_ids, X_pool, X_labeled, labeled_y, allowed=None) -> pd.DataFrame:
+        """``allowed`` masks out pool points never to label (HDBSCAN noise), before any
+        class balancing so that the balance holds in what is returned."""
         clf = make_pipeline(StandardScaler(), LogisticRegression(
             C=self.C, class_weight="balanced", max_iter=5000, random_state=self.random_state))
         clf.fit(X_labeled, labeled_y)
@@ -251,6 +258,8 @@ class ConfidencePseudoLabeler:
         best = proba.argmax(axis=1) if len(proba) else np.zeros(0, int)
         conf = proba.max(axis=1) if len(proba) else np.zeros(0)
         keep = conf >= self.threshold
+        if allowed is not None:
+            keep &= np.asarray(allowed, bool)
         out = pd.DataFrame({"id": np.asarray(pool_ids)[keep],
                             "label": clf.classes_[best[keep]],
                             "confidence": conf[keep]})
@@ -287,6 +296,9 @@ class SelfTrainingPseudoLabeler:
         y, negative = _binary(y_lab, self.positive)
         Z_lab, Z_pool = fit_space(X_lab, X_pool, self.pca_components, self.random_state)
         p_pool, _ = calibrated_pool_proba(Z_lab, y, Z_pool, self.C, self.random_state)
+        if np.all(p_pool == 0.5):  # no signal in the labels' classifier: label nothing
+            self.prior_ = float(self.class_prior) if self.class_prior is not None else 0.5
+            return empty_pseudo()
         prior = (self.class_prior if self.class_prior is not None
                  else estimate_prior(p_pool, 0.5))
         self.prior_ = float(prior)
@@ -342,11 +354,15 @@ class LabelSpreadingPseudoLabeler:
         ls = LabelSpreading(kernel="knn", n_neighbors=k, alpha=self.alpha, max_iter=100)
         ls.fit(Z, target)
         dist = ls.label_distributions_[len(Z_lab):]
+        # Spread mass follows the labelled class ratio: divide by the class counts so the
+        # distributions read as P(class) under a 50/50 prior whatever the labelled mix
+        # (annotation rounds unbalance it), then re-weight to the pool prior below.
+        counts = np.bincount(y, minlength=2).astype(float)
+        dist = dist / counts[np.asarray(ls.classes_, int)]
         col = list(ls.classes_).index(1)
         with np.errstate(invalid="ignore"):
             p = dist[:, col] / dist.sum(axis=1)
         p = np.nan_to_num(p, nan=0.5)  # points the graph never reached
-        # Labelled classes are balanced, so spread mass is under a ~50/50 prior.
         prior = (self.class_prior if self.class_prior is not None else
                  pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, None))
         self.prior_ = float(prior)
@@ -399,11 +415,9 @@ def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab, seed: i
     if strategy == "cluster_vote":
         return cv()
     if strategy == "confidence":
-        out = ConfidencePseudoLabeler(p["confidence_threshold"], p["C"], p["balance_classes"],
-                                      random_state=seed).fit_predict(pool_ids, X_pool, X_lab, y_lab)
-        if allowed is not None:
-            out = out[out["id"].isin(set(np.asarray(pool_ids, dtype=object)[allowed]))]
-        return out.reset_index(drop=True)
+        return ConfidencePseudoLabeler(p["confidence_threshold"], p["C"], p["balance_classes"],
+                                       random_state=seed).fit_predict(pool_ids, X_pool, X_lab,
+                                                                      y_lab, allowed)
     if strategy == "self_training":
         return st()
     if strategy == "label_spreading":

@@ -108,3 +108,45 @@ def test_report_page_is_self_contained(demo, tmp_path):
     assert html == render_html(res, batch_name="contrast <batch>", Z_ref=res["Z_ref"],
                                Z_new=res["Z_new"], stats_ref=demo["ref"][1],
                                stats_new=demo["contrast"][1], typical_paths=demo["paths_new"][:2])
+
+
+def test_embedding_family_holds_its_level_on_a_flat_spectrum_null():
+    """Same distribution on both sides (isotropic 64-d Gaussian): the scaler+PCA must be fitted
+    on the pooled sample, else the reference over-fits its own principal axes, the groups are
+    not exchangeable and MMD / per-component KS reject almost always."""
+    rejections, mmd_rej, ks_rej = 0, 0, 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        Xr, Xn = rng.normal(size=(200, 64)), rng.normal(size=(100, 64))
+        S_r, S_n = rng.normal(size=(200, 3)), rng.normal(size=(100, 3))
+        res = compare(Xr, Xn, S_r, S_n, rng.random(200), rng.random(100), 0.5, alpha=0.05,
+                      n_permutations=49, pca_components=10, seed=seed)
+        rejections += res["embedding_drift"]
+        mmd_rej += res["mmd"]["p_value"] < 0.05
+        ks_rej += res["pca_ks_min_p_adjusted"] < 0.05
+    assert rejections <= 3, (rejections, mmd_rej, ks_rej)
+    assert mmd_rej <= 4 and ks_rej <= 4, (mmd_rej, ks_rej)
+
+
+def test_embedding_family_is_bonferroni_corrected_at_alpha_over_2():
+    """MMD and the min-KS p are each compared to alpha/2, not alpha."""
+    rng = np.random.default_rng(0)
+    Xr, Xn = rng.normal(size=(150, 5)), rng.normal(size=(100, 5))
+    Xn[:, 0] += 0.45
+    S = rng.normal(size=(250, 3))
+    kw = dict(n_permutations=399, pca_components=5, seed=0)
+    res = compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=0.05, **kw)
+    assert res["embedding_alpha"] == pytest.approx(0.025)
+    p_mmd, p_ks = res["mmd"]["p_value"], res["pca_ks_min_p_adjusted"]
+    assert res["embedding_drift"] == int(p_mmd < 0.025 or p_ks < 0.025)
+    # an alpha between min(p) and 2·min(p): significant at alpha, not at alpha/2 → no drift
+    a = 1.5 * min(p_mmd, p_ks)
+    assert 1 / 400 < a / 2 < min(p_mmd, p_ks) < a, (p_mmd, p_ks)
+    res2 = compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=a, **kw)
+    assert res2["mmd"]["p_value"] == p_mmd and res2["pca_ks_min_p_adjusted"] == p_ks
+    assert res2["embedding_drift"] == 0, (p_mmd, p_ks, a)
+    html = render_html(res, batch_name="b")
+    assert "α/2" in html
+    with pytest.raises(Exception, match="alpha/2"):
+        compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=0.05,
+                n_permutations=30, pca_components=5, seed=0)

@@ -5,8 +5,13 @@ path), which is QC'd and embedded with the model's exact embedding fingerprint. 
 outside DVC (nothing tracked is written):
 
     python stages/drift.py --batch path/to/folder --report /tmp/drift.html --metrics /tmp/drift.json
+
+Folder names can carry patient identifiers, so the folder path is never printed, logged
+(DVCLive param) or put in the report: a folder batch is named by :func:`batch_label`
+(file count and a short digest of the images' content ids).
 """
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -37,6 +42,14 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def batch_label(n_files: int, image_ids) -> str:
+    """Non-identifying name of a folder batch: its file count and a short digest of the
+    images' content ids (sha256 of the bytes), never the folder path or file names."""
+    ids = sorted(str(i) for i in image_ids if isinstance(i, str) and i)
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return f"folder batch ({n_files} files, content {digest})"
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     params = load_params()
@@ -54,17 +67,21 @@ def main(argv=None) -> None:
     if batch:
         predictor = Predictor.from_files(model_path, params, embeddings_path=EMBEDDINGS)
         bundle = predictor.bundle
+        if not Path(batch).is_dir():  # the path itself is not echoed (see module docstring)
+            raise PipelineError("drift.batch: the batch folder does not exist or is not a folder "
+                                "(check drift.batch / --batch)")
         files = image_files(batch)
         df, X_ok, ok, _ = predictor.predict_paths([str(f) for f in files], return_vectors=True)
         n_files, n_failed = len(files), int((~ok).sum())
+        name = batch_label(n_files, df["id"])  # never the folder path: it may identify a patient
         if ok.sum() < 5:
-            raise PipelineError(f"drift.batch: only {int(ok.sum())} images of {batch} passed QC "
-                                f"(need at least 5 to compare distributions)")
+            raise PipelineError(f"drift.batch: only {int(ok.sum())} images of the {n_files} files "
+                                f"in the drift.batch folder passed QC (need at least 5 to compare "
+                                f"distributions)")
         ok_paths = [str(f) for f, good in zip(files, ok) if good]
         take = subsample(len(ok_paths), d["max_images"], rng)
         X_new, new_paths = X_ok[take], [ok_paths[i] for i in take]
         p_new = df.loc[ok, "probability"].to_numpy(dtype=float)[take]
-        name = Path(batch).as_posix()
         extra = {"n_files": n_files, "qc_failed": n_failed}
     else:
         bundle = load_model(model_path)

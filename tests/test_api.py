@@ -109,6 +109,91 @@ def test_too_large_upload_is_refused(served, tmp_path):
     assert r.status_code == 413 and "too large" in r.json()["detail"]
 
 
+def _multipart(payload: bytes, boundary: str = "B") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_chunked_upload_without_content_length_is_refused_while_received(served, tmp_path,
+                                                                           monkeypatch):
+    """No Content-Length (chunked generator body): the limit is enforced while receiving,
+    so the multipart parser never spools the oversized file, and normal uploads still work."""
+    import starlette.datastructures as sd
+
+    tiny, _ = served
+    params = write_params(tmp_path / "params.yaml", tiny["model"], **{"inference.max_upload_mb": 0.001})
+    client = TestClient(create_app(tiny["model"], params, embeddings_path=None))
+    spooled = []
+    write = sd.UploadFile.write
+
+    async def spy(self, data):
+        spooled.append(len(data))
+        await write(self, data)
+
+    monkeypatch.setattr(sd.UploadFile, "write", spy)
+    body = _multipart(b"\0" * (5 << 20))
+
+    def gen():
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+
+    r = client.post("/predict", content=gen(), headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    assert sum(spooled) <= 1049 + 64 * 1024, sum(spooled)  # not the 5 MB body
+    # a normal (declared-length) upload and a small chunked upload still work
+    _, big_client = served
+    png = _png(5, True, tmp_path)
+    r = big_client.post("/predict", files={"file": ("scan.png", png, "image/png")})
+    assert r.status_code == 200 and r.json()["qc_status"] == "ok"
+    small = _multipart(png)
+    r = big_client.post("/predict", content=(small[i:i + 100] for i in range(0, len(small), 100)),
+                        headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == hashlib.sha256(png).hexdigest()
+
+
+def test_body_limit_stops_reading_a_streamed_body_at_the_limit():
+    """At the ASGI level: a body sent in many small chunks without Content-Length is cut
+    off as soon as the limit is passed (the rest is never received), with a 413."""
+    import asyncio
+
+    from triage.api import BodyLimitMiddleware
+
+    reached = []
+
+    async def inner(scope, receive, send):  # an app that reads the whole body
+        while True:
+            m = await receive()
+            reached.append(len(m.get("body", b"")))
+            if not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(n_chunks, headers=()):
+        pulled, sent = [0], []
+
+        async def receive():
+            pulled[0] += 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": pulled[0] < n_chunks}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": list(headers)}
+        asyncio.run(BodyLimitMiddleware(inner, 10_000, "upload too large")(scope, receive, send))
+        return pulled[0], sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    pulled, status, text = run(1000)  # 1 MB streamed, limit 10 kB
+    assert status == 413 and b"too large" in text and pulled == 11
+    assert sum(reached) <= 10_000
+    reached.clear()
+    assert run(10)[1] == 200 and sum(reached) == 10_000  # exactly at the limit: accepted
+    # a declared length over the limit is refused before reading anything
+    pulled, status, _ = run(1000, [(b"content-length", b"1000000")])
+    assert status == 413 and pulled == 0
+
+
 def test_no_file_name_or_bytes_in_logs(served, tmp_path, caplog):
     _, client = served
     caplog.set_level(logging.DEBUG)

@@ -7,6 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from triage.cluster import (PoolClusterer, cluster_purity, cluster_quality, make_clusterer,
                             projection_image)
+from triage.errors import PipelineError
 from triage.pseudo import (PSEUDO_COLUMNS, ClusterVotePseudoLabeler, ConfidencePseudoLabeler,
                            LabelSpreadingPseudoLabeler, SelfTrainingPseudoLabeler,
                            adjust_to_prior, class_quotas, consensus, estimate_prior,
@@ -51,8 +52,31 @@ def test_clusterer_is_seeded_and_clamps_components():
 
 
 def test_clusterer_rejects_k_larger_than_the_pool():
-    with pytest.raises(ValueError, match="cluster.k=5"):
+    with pytest.raises(PipelineError, match=r"cluster\.k=5 .*\(4\)"):
         PoolClusterer(k=5).fit(np.random.default_rng(0).normal(size=(4, 3)))
+    assert PoolClusterer(k=4, n_components=3).fit(np.random.default_rng(0).normal(size=(4, 3))).k_ == 4
+
+
+def test_auto_k_with_k_min_above_the_pool_size_is_a_clear_error():
+    X = np.random.default_rng(0).normal(size=(5, 8))
+    with pytest.raises(PipelineError, match=r"cluster\.k_min=6 \(cluster\.k_max=12\).* 5 images"):
+        PoolClusterer(k="auto", k_range=(6, 12)).fit(X)
+    with pytest.raises(PipelineError, match=r"cluster\.k_min=5"):  # silhouette needs k <= n - 1
+        PoolClusterer(k="auto", k_range=(5, 12)).fit(X)
+    m = PoolClusterer(k="auto", k_range=(2, 12), n_components=4).fit(X)  # k_max clamped to n - 1
+    assert 2 <= m.k_ <= 4
+
+
+def test_hdbscan_with_fewer_images_than_min_cluster_size_is_a_clear_error():
+    X = np.random.default_rng(0).normal(size=(5, 8))
+    with pytest.raises(PipelineError, match=r"cluster\.min_cluster_size=15 .*\(5\)"):
+        PoolClusterer(method="hdbscan", min_cluster_size=15).fit(X)
+    params = {"pca_components": 4, "k": 4, "seed": 0, "method": "hdbscan", "k_min": 2,
+              "k_max": 6, "min_cluster_size": 6}
+    with pytest.raises(PipelineError, match="min_cluster_size"):
+        make_clusterer(params).fit(X)
+    params["min_cluster_size"] = 5
+    assert make_clusterer(params).fit(X).labels_.shape == (5,)
 
 
 def test_cluster_quality_prefers_the_true_partition():

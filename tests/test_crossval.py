@@ -69,6 +69,34 @@ def test_mean_ci_and_nadeau_bengio_correction():
     assert np.isnan(mean_ci([0.3])["ci_low"])
 
 
+def test_nadeau_bengio_variance_is_pinned_numerically():
+    """var = s²·(1/J + n_test/n_train) on hand-made fold values (not s²/J)."""
+    v = np.array([0.70, 0.80, 0.75, 0.90, 0.85])  # J = 5, mean 0.80, s² = 0.00625
+    r = mean_ci(v, 0.95, test_train_ratio=10 / 30)
+    var = 0.00625 * (1 / 5 + 10 / 30)  # = 0.0033333…
+    half = 2.7764451051977934 * np.sqrt(var)  # t(0.975, 4)
+    assert r["mean"] == pytest.approx(0.80)
+    assert r["ci_high"] - r["mean"] == pytest.approx(half, rel=1e-9)
+    assert r["mean"] - r["ci_low"] == pytest.approx(0.1602981329, rel=1e-8)  # literal pin
+
+
+def test_per_model_intervals_use_the_corrected_variance(separable):
+    """The baseline and semi-supervised ROC-AUC CIs over overlapping folds use the same
+    Nadeau–Bengio variance s²·(1/J + n_test/n_train) as the delta, not plain s²/J."""
+    rows, X = separable
+    per_fold, s = crossval_semisup(rows, X, _params(), "cancer", 4, 2, seed=0)
+    j = len(per_fold)
+    ratio = per_fold["n_heldout"].mean() / per_fold["n_train"].mean()  # 10/30
+    assert ratio == pytest.approx(1 / 3)
+    t = 2.364624251592784  # t(0.975, 7)
+    for m in ("baseline", "semi_supervised", "delta"):
+        v = per_fold[m].to_numpy()
+        half = t * np.sqrt(v.var(ddof=1) * (1 / j + ratio))
+        assert s[m]["ci_high"] - s[m]["mean"] == pytest.approx(half, rel=1e-9, abs=1e-12), m
+        assert s[m]["mean"] - s[m]["ci_low"] == pytest.approx(half, rel=1e-9, abs=1e-12), m
+    assert per_fold["baseline"].var(ddof=1) > 0  # the check above is not vacuous
+
+
 def test_crossval_summary_contract_and_determinism(separable):
     rows, X = separable
     per_fold, s = crossval_semisup(rows, X, _params(), "cancer", 4, 2, seed=0)

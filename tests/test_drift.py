@@ -11,6 +11,7 @@ from triage.drift import compare, flat_metrics, image_stats, render_html, rbf_mm
 from triage.embed import Embedder
 from triage.models import make_classifier
 
+ROOT = Path(__file__).resolve().parents[1]
 KW = dict(alpha=0.01, n_permutations=200, pca_components=8, seed=0)
 
 
@@ -108,3 +109,110 @@ def test_report_page_is_self_contained(demo, tmp_path):
     assert html == render_html(res, batch_name="contrast <batch>", Z_ref=res["Z_ref"],
                                Z_new=res["Z_new"], stats_ref=demo["ref"][1],
                                stats_new=demo["contrast"][1], typical_paths=demo["paths_new"][:2])
+
+
+def test_embedding_family_holds_its_level_on_a_flat_spectrum_null():
+    """Same distribution on both sides (isotropic 64-d Gaussian): the scaler+PCA must be fitted
+    on the pooled sample, else the reference over-fits its own principal axes, the groups are
+    not exchangeable and MMD / per-component KS reject almost always."""
+    rejections, mmd_rej, ks_rej = 0, 0, 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        Xr, Xn = rng.normal(size=(200, 64)), rng.normal(size=(100, 64))
+        S_r, S_n = rng.normal(size=(200, 3)), rng.normal(size=(100, 3))
+        res = compare(Xr, Xn, S_r, S_n, rng.random(200), rng.random(100), 0.5, alpha=0.05,
+                      n_permutations=49, pca_components=10, seed=seed)
+        rejections += res["embedding_drift"]
+        mmd_rej += res["mmd"]["p_value"] < 0.05
+        ks_rej += res["pca_ks_min_p_adjusted"] < 0.05
+    assert rejections <= 3, (rejections, mmd_rej, ks_rej)
+    assert mmd_rej <= 4 and ks_rej <= 4, (mmd_rej, ks_rej)
+
+
+def test_embedding_family_is_bonferroni_corrected_at_alpha_over_2():
+    """MMD and the min-KS p are each compared to alpha/2, not alpha."""
+    rng = np.random.default_rng(0)
+    Xr, Xn = rng.normal(size=(150, 5)), rng.normal(size=(100, 5))
+    Xn[:, 0] += 0.45
+    S = rng.normal(size=(250, 3))
+    kw = dict(n_permutations=399, pca_components=5, seed=0)
+    res = compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=0.05, **kw)
+    assert res["embedding_alpha"] == pytest.approx(0.025)
+    p_mmd, p_ks = res["mmd"]["p_value"], res["pca_ks_min_p_adjusted"]
+    assert res["embedding_drift"] == int(p_mmd < 0.025 or p_ks < 0.025)
+    # an alpha between min(p) and 2·min(p): significant at alpha, not at alpha/2 → no drift
+    a = 1.5 * min(p_mmd, p_ks)
+    assert 1 / 400 < a / 2 < min(p_mmd, p_ks) < a, (p_mmd, p_ks)
+    res2 = compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=a, **kw)
+    assert res2["mmd"]["p_value"] == p_mmd and res2["pca_ks_min_p_adjusted"] == p_ks
+    assert res2["embedding_drift"] == 0, (p_mmd, p_ks, a)
+    html = render_html(res, batch_name="b")
+    assert "α/2" in html
+    with pytest.raises(Exception, match="alpha/2"):
+        compare(Xr, Xn, S[:150], S[150:], rng.random(150), rng.random(100), 0.5, alpha=0.05,
+                n_permutations=30, pca_components=5, seed=0)
+
+
+def _write_embeddings(path, rows, X, fingerprint: dict):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from triage.embed import EMBED_DIM, EMBEDDING_SCHEMA
+
+    meta = {b"embedding_fingerprint": json.dumps(fingerprint).encode()}
+    table = pa.Table.from_arrays([
+        pa.array(rows["id"], pa.string()), pa.array(rows["split"], pa.string()),
+        pa.array(rows["label"], pa.string(), from_pandas=True),
+        pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1).astype(np.float32)), EMBED_DIM),
+    ], schema=EMBEDDING_SCHEMA.with_metadata(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_drift_stage_never_prints_logs_or_reports_the_batch_folder_path(tmp_path):
+    """Folder names can carry patient identifiers: the folder batch is named by a neutral
+    label (file count + content digest) in stdout, the DVCLive param, metrics and the page."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from test_inference import blob_image, train_tiny_model, write_params
+
+    tiny = train_tiny_model(tmp_path / "model")
+    repo = tmp_path / "repo"
+    pool = [blob_image(repo / f"data/raw/pool/{i:03d}.png", i % 2 == 0, seed=100 + i) for i in range(24)]
+    ids = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pool]
+    rows = pd.DataFrame({"id": ids, "split": ["labeled"] * 8 + ["unlabeled"] * 16,
+                         "label": ["cancer", "normal"] * 4 + [None] * 16})
+    _write_embeddings(repo / "data/features/embeddings.parquet", rows,
+                      tiny["embedder"].transform([str(p) for p in pool]), tiny["embedder"].fingerprint_)
+    (repo / "data/qc").mkdir(parents=True)
+    rows.assign(path=[str(p) for p in pool]).to_parquet(repo / "data/qc/manifest_clean.parquet")
+    secret = "Jane_Doe_MRN0012345"
+    batch = repo / "data/raw/batches" / secret
+    for i in range(8):
+        blob_image(batch / f"{secret}_{i}.png", i % 2 == 0, seed=200 + i)
+    write_params(repo / "params.yaml", tiny["model"], **{"drift.batch": f"data/raw/batches/{secret}"})
+    env = {k: v for k, v in os.environ.items() if k != "DVCLIVE_TEST"}  # log for real
+    res = subprocess.run([sys.executable, str(ROOT / "stages/drift.py")], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "folder batch (8 files, content " in res.stdout
+    written = [p for p in (repo / "metrics").rglob("*") if p.is_file()] + [repo / "reports/drift.html"]
+    assert any("folder batch (8 files" in p.read_text(errors="replace") for p in written
+               if p.suffix in (".yaml", ".json"))  # the DVCLive param
+    for text in [res.stdout, res.stderr] + [p.read_text(errors="replace") for p in written]:
+        assert "Jane_Doe" not in text and "MRN0012345" not in text and "batches/" not in text
+    html = (repo / "reports/drift.html").read_text()
+    assert "<title>Drift report</title>" in html and "folder batch (8 files" in html
+    # a missing batch folder is a clear error that does not echo the path either
+    write_params(repo / "params.yaml", tiny["model"], **{"drift.batch": f"data/raw/batches/{secret}_x"})
+    res = subprocess.run([sys.executable, str(ROOT / "stages/drift.py"), "--metrics", "m.json"],
+                         cwd=repo, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "drift.batch" in res.stderr, res.stderr
+    assert "Jane_Doe" not in res.stdout + res.stderr

@@ -70,10 +70,35 @@ def test_diverse_batch_has_no_near_identical_pair_but_top_uncertainty_does():
 def test_uncertain_images_are_preferred_among_equally_spread_ones():
     rng = np.random.default_rng(1)
     X = rng.normal(0, 1, (40, 16))
-    p = np.where(np.arange(40) < 10, 0.5, 0.99)
-    sel = select_batch(X, p, X[:0], batch_size=5, candidates=10, pca_components=8)
-    assert set(sel["index"]) <= set(range(10))
-    assert (sel["uncertainty"] > 0.9).all()
+    unsure = np.sort(rng.choice(40, 10, replace=False))  # not simply the lowest indices
+    p = np.full(40, 0.99)
+    p[unsure] = 0.5
+    X_lab = rng.normal(0, 1, (6, 16))
+    # no candidate filter (candidates=0, or >= pool size): the k-center score itself must
+    # prefer the uncertain images, with and without labelled images
+    for lab in (X_lab, X[:0]):
+        for candidates in (0, 40):
+            sel = select_batch(X, p, lab, batch_size=5, candidates=candidates, pca_components=8)
+            assert set(sel["index"]) <= set(unsure), (len(lab), candidates)
+            assert (sel["uncertainty"] > 0.9).all()
+            assert (sel["distance"].iloc[1:] > 0).all()  # real distances drive the picks
+
+
+def test_kcenter_cold_start_spreads_over_separated_groups():
+    """No labelled images: after the first pick the distances are real (not ~1 placeholders
+    capped by np.minimum), so a far group is reached even if a bit less uncertain."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(0, 1, (50, 8))  # within-group distances ~4
+    B = rng.normal(0, 1, (50, 8)) + 30
+    Z = np.r_[A, B]
+    w = np.r_[np.full(50, 0.9), np.full(50, 0.85)]
+    idx, d = kcenter_greedy(Z, 4, weights=w)
+    assert {int(i) // 50 for i in idx} == {0, 1}, idx
+    assert np.isnan(d[0]) and (d[1:] > 1.5).all(), d
+    # the same through select_batch (PCA space, uncertainty weights) with nothing labelled
+    p = np.r_[np.full(50, 0.45), np.full(50, 0.40)]  # group A slightly more uncertain
+    sel = select_batch(Z, p, Z[:0], batch_size=4, candidates=0, pca_components=8)
+    assert {int(i) // 50 for i in sel["index"]} == {0, 1}, sel
 
 
 def test_cluster_round_robin_covers_every_cluster_first():

@@ -7,7 +7,8 @@ Start it from the repository root (reads params.yaml and the model of inference.
 ``POST /predict`` takes one image as multipart field ``file`` and answers the batch CLI's
 fields (id, path = null, probability, decision, needs_review, qc_status, qc_detail).
 Empty, oversized (inference.max_upload_mb) or undecodable uploads get a 4xx with a clear
-message. An image that decodes but fails QC (blank, too small...) is answered 200 with its
+message; the size limit is enforced while the body is received (declared Content-Length or
+not, e.g. a chunked upload), so an oversized body is never read or spooled past the limit. An image that decodes but fails QC (blank, too small...) is answered 200 with its
 qc_status and no probability. Nothing logs file names or image bytes: the upload is
 written to a private temporary folder under a fixed name and deleted after the request.
 
@@ -35,6 +36,64 @@ OPERATING_KEYS = ("threshold", "sensitivity", "specificity", "ppv", "npv", "roc_
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
 UNREADABLE = ("not_an_image", "decode_error", "decompression_bomb", "too_large",
               "unsupported_mode", "zero_byte", "unreadable", "non_utf8_filename")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the wrapped ASGI ``receive`` once a request body passes the limit."""
+
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 for a request body over ``max_body`` bytes.
+
+    A declared Content-Length over the limit is refused before anything is read. Otherwise
+    (no Content-Length: chunked transfer, or a wrong one) ``receive`` is wrapped and counts
+    the bytes as they arrive: past the limit it raises :class:`BodyTooLarge` (an
+    HTTPException, so FastAPI's body parsing re-raises it and it becomes the 413 response),
+    so the multipart parser never sees, and never spools, more than the limit.
+    """
+
+    def __init__(self, app, max_body: int, detail: str):
+        self.app, self.max_body, self.detail = app, int(max_body), detail
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await self._refuse(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.detail)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
 
 
 def create_app(model_path: str | Path | None = None, params_path: str | Path = "params.yaml", *,
@@ -73,17 +132,11 @@ def create_app(model_path: str | Path | None = None, params_path: str | Path = "
     app = FastAPI(title="triage", version=version["version"][:12],
                   description="Semi-supervised image triage (decision support, not diagnosis)")
 
-    @app.middleware("http")
-    async def refuse_huge_bodies(request, call_next):
-        # Refuse before the multipart body is read (spooled) when the size is declared.
-        declared = request.headers.get("content-length", "")
-        if request.url.path == "/predict" and declared.isdigit() and \
-                int(declared) > max_bytes + MULTIPART_OVERHEAD:
-            from fastapi.responses import JSONResponse
-
-            return JSONResponse({"detail": f"upload too large: more than {max_bytes} bytes "
-                                           f"(inference.max_upload_mb)"}, status_code=413)
-        return await call_next(request)
+    # Refuse an oversized body while it is received (declared length or not), before the
+    # multipart parser spools it.
+    app.add_middleware(BodyLimitMiddleware, max_body=max_bytes + MULTIPART_OVERHEAD,
+                       detail=f"upload too large: more than {max_bytes} bytes "
+                              f"(inference.max_upload_mb)")
 
     @app.get("/health")
     def health() -> dict:

@@ -11,6 +11,8 @@ from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silho
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .errors import PipelineError
+
 
 class PoolClusterer(ClusterMixin, BaseEstimator):
     """StandardScaler → PCA → KMeans | GaussianMixture | HDBSCAN, fitted on the pool only.
@@ -38,10 +40,29 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         km = KMeans(n_clusters=k, n_init=10, random_state=self.random_state).fit(Z)
         return km.labels_, km.cluster_centers_
 
+    def _check_sizes(self, n: int) -> None:
+        """Clear errors, naming the params, when the pool is too small for the settings."""
+        if self.method == "hdbscan":
+            if n < int(self.min_cluster_size):
+                raise PipelineError(
+                    f"cluster.min_cluster_size={self.min_cluster_size} is larger than the number "
+                    f"of images to cluster ({n}): HDBSCAN cannot form a single cluster; lower "
+                    f"cluster.min_cluster_size to at most {n} or cluster more images")
+        elif self.k == "auto":
+            lo, hi = int(self.k_range[0]), int(self.k_range[1])
+            if lo > n - 1:
+                raise PipelineError(
+                    f"cluster.k_min={lo} (cluster.k_max={hi}) is too large for the {n} images to "
+                    f"cluster: k: auto scores each k by silhouette, which needs k <= "
+                    f"{max(n - 1, 0)} (number of images - 1); lower cluster.k_min/cluster.k_max "
+                    f"or cluster more images")
+        elif int(self.k) > n:
+            raise PipelineError(f"cluster.k={self.k} is larger than the number of images to "
+                                f"cluster ({n}); lower cluster.k or cluster more images")
+
     def fit(self, X, y=None):
         X = np.asarray(X, dtype=np.float64)
-        if isinstance(self.k, int) and self.method != "hdbscan" and len(X) < self.k:
-            raise ValueError(f"cluster.k={self.k} is larger than the pool ({len(X)} images)")
+        self._check_sizes(len(X))
         n_comp = int(min(self.n_components, X.shape[0], X.shape[1]))
         self.reducer_ = Pipeline([("scale", StandardScaler()),
                                   ("pca", PCA(n_components=n_comp, random_state=self.random_state))])

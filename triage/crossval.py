@@ -7,9 +7,10 @@ a fold mirrors it). Everything that can learn is refitted inside the fold from t
 training labels + the pool only: the clusterer (scaler, PCA, KMeans/GMM/HDBSCAN) when the
 strategy uses clusters, the pseudo-labeller (its own scaler/PCA, prior estimate,
 calibration, rounds), and both classifiers (``train.*`` via ``triage.models``). Held-out
-ROC-AUC is scored for the labelled-only baseline and the semi-supervised model; the paired
-per-fold delta gets a t-interval with the Nadeau & Bengio (2003) correction for the
-overlap of training sets across folds.
+ROC-AUC is scored for the labelled-only baseline and the semi-supervised model; each
+model's mean and the paired per-fold delta get a t-interval with the Nadeau & Bengio
+(2003) correction for the overlap of training sets across folds (variance
+s²·(1/J + n_test/n_train) instead of s²/J: the folds are not independent).
 """
 
 from __future__ import annotations
@@ -123,10 +124,12 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     per_fold = pd.DataFrame(records)
     per_fold["delta"] = per_fold["semi_supervised"] - per_fold["baseline"]
     ratio = float(per_fold["n_heldout"].mean() / per_fold["n_train"].mean())
+    # every interval is corrected for the overlap of training sets (Nadeau & Bengio 2003):
+    # fold scores of overlapping folds are correlated, so plain s²/J is too narrow
     summary = {
-        "baseline": mean_ci(per_fold["baseline"], level),
-        "semi_supervised": mean_ci(per_fold["semi_supervised"], level),
-        # paired, corrected for the overlap of training sets (Nadeau & Bengio 2003)
+        "baseline": mean_ci(per_fold["baseline"], level, test_train_ratio=ratio),
+        "semi_supervised": mean_ci(per_fold["semi_supervised"], level, test_train_ratio=ratio),
+        # paired delta
         "delta": mean_ci(per_fold["delta"], level, test_train_ratio=ratio),
         "n_folds": int(len(per_fold)), "folds": int(k), "repeats": int(repeats),
         "n_pseudo_mean": float(per_fold["n_pseudo"].mean()),

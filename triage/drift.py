@@ -3,8 +3,11 @@
 Three families of signals, each tested at ``alpha`` (Bonferroni inside a family):
 
 * **embedding** — kernel two-sample test: MMD² with an RBF kernel (median-distance
-  bandwidth) in a PCA space fitted on the pool, permutation p-value; plus a KS test per
-  PCA component (Bonferroni over components). Either significant → embedding drift.
+  bandwidth) in a PCA space fitted on pool and batch together (the pooled sample, no group
+  labels, so the two groups stay exchangeable under the permutation null), permutation
+  p-value; plus a KS test per PCA component (Bonferroni over components). The family has
+  two tests, so each is compared to ``alpha / 2`` (Bonferroni): either significant →
+  embedding drift, with a family-wise error rate of at most ``alpha``.
 * **image statistics** (the QC measurements) — KS on per-image mean intensity, contrast
   (pixel std) and sharpness (mean |Laplacian| after resizing to the embedding size).
 * **prediction** — predicted-positive rate at the operating threshold, Fisher exact test.
@@ -91,13 +94,22 @@ def ks_family(ref: np.ndarray, new: np.ndarray, names) -> list[dict]:
 def compare(X_ref: np.ndarray, X_new: np.ndarray, stats_ref: np.ndarray, stats_new: np.ndarray,
             p_ref: np.ndarray, p_new: np.ndarray, threshold: float, *, alpha: float,
             n_permutations: int, pca_components: int, seed: int) -> dict:
-    """All drift signals of ``new`` vs ``ref`` (already subsampled); see module docstring."""
-    if 1.0 / (n_permutations + 1) >= alpha:
-        raise PipelineError(f"drift.n_permutations={n_permutations} cannot give a p-value below "
-                            f"drift.alpha={alpha}: use at least {int(np.ceil(1 / alpha))}")
-    n_comp = int(min(pca_components, len(X_ref) - 1, X_ref.shape[1]))
+    """All drift signals of ``new`` vs ``ref`` (already subsampled); see module docstring.
+
+    The scaler + PCA are fitted on the pooled sample ``X_ref ∪ X_new``: fitted on the
+    reference alone, the reference is over-fitted by its own principal axes and the groups
+    are no longer exchangeable, so MMD and KS p-values come out too small under the null.
+    The embedding family (MMD, min Bonferroni KS over components) is Bonferroni-corrected:
+    each p-value is compared to ``alpha / 2`` (``res["embedding_alpha"]``).
+    """
+    if 1.0 / (n_permutations + 1) >= alpha / 2:
+        raise PipelineError(f"drift.n_permutations={n_permutations} cannot give an MMD p-value below "
+                            f"drift.alpha/2={alpha / 2:g} (Bonferroni over the embedding family): "
+                            f"use at least {int(np.ceil(2 / alpha))}")
+    pooled = np.r_[X_ref, X_new]
+    n_comp = int(min(pca_components, len(pooled) - 1, X_ref.shape[1]))
     space = Pipeline([("scale", StandardScaler()),
-                      ("pca", PCA(n_components=n_comp, random_state=seed))]).fit(X_ref)
+                      ("pca", PCA(n_components=n_comp, random_state=seed))]).fit(pooled)
     Z_ref, Z_new = space.transform(X_ref), space.transform(X_new)
     mmd = rbf_mmd_test(Z_ref, Z_new, n_permutations, seed)
     comps = ks_family(Z_ref, Z_new, [f"pc{i + 1}" for i in range(n_comp)])
@@ -107,7 +119,8 @@ def compare(X_ref: np.ndarray, X_new: np.ndarray, stats_ref: np.ndarray, stats_n
     pos_ref, pos_new = p_ref >= threshold, p_new >= threshold
     table = [[int(pos_new.sum()), int((~pos_new).sum())], [int(pos_ref.sum()), int((~pos_ref).sum())]]
     rate_p = float(fisher_exact(table).pvalue) if len(p_ref) and len(p_new) else 1.0
-    embedding = bool(mmd["p_value"] < alpha or ks_min < alpha)
+    emb_alpha = alpha / 2  # Bonferroni over the two tests of the embedding family
+    embedding = bool(mmd["p_value"] < emb_alpha or ks_min < emb_alpha)
     image = bool(stats_min < alpha)
     prediction = bool(rate_p < alpha)
     return {
@@ -123,7 +136,7 @@ def compare(X_ref: np.ndarray, X_new: np.ndarray, stats_ref: np.ndarray, stats_n
         "positive_rate": {"reference": float(pos_ref.mean()) if len(pos_ref) else float("nan"),
                           "batch": float(pos_new.mean()) if len(pos_new) else float("nan"),
                           "p_value": rate_p, "threshold": float(threshold)},
-        "alpha": alpha,
+        "alpha": alpha, "embedding_alpha": emb_alpha,
     }
 
 
@@ -207,10 +220,12 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
             f'{"drift" if res["image_stats_drift"] else "no drift"}). Predicted-positive rate '
             f'{res["positive_rate"]["batch"]:.1%} vs {res["positive_rate"]["reference"]:.1%} in the pool'
             f'{" — <b>shifted</b>" if res["prediction_shift"] else " — no significant shift"}.</div>')
-    rows = [["MMD² (RBF, PCA space), permutation p", res["mmd"]["mmd2"], res["mmd"]["p_value"],
-             "yes" if res["mmd"]["p_value"] < res["alpha"] else "no"],
-            ["KS per PCA component, min Bonferroni p", max((c["ks"] for c in res["pca_ks"]), default=0.0),
-             res["pca_ks_min_p_adjusted"], "yes" if res["pca_ks_min_p_adjusted"] < res["alpha"] else "no"]]
+    emb_alpha = res.get("embedding_alpha", res["alpha"] / 2)
+    rows = [[f"MMD² (RBF, PCA space), permutation p (vs α/2 = {emb_alpha:.4g})", res["mmd"]["mmd2"],
+             res["mmd"]["p_value"], "yes" if res["mmd"]["p_value"] < emb_alpha else "no"],
+            [f"KS per PCA component, min Bonferroni p (vs α/2 = {emb_alpha:.4g})",
+             max((c["ks"] for c in res["pca_ks"]), default=0.0),
+             res["pca_ks_min_p_adjusted"], "yes" if res["pca_ks_min_p_adjusted"] < emb_alpha else "no"]]
     for s in res["image_stats"]:
         rows.append([f"KS {s['name']} (mean {s['ref_mean']:.3g} → {s['batch_mean']:.3g}), Bonferroni p",
                      s["ks"], s["p_adjusted"], "yes" if s["p_adjusted"] < res["alpha"] else "no"])
@@ -221,8 +236,10 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
             f"<style>{CSS}</style></head><body><h1>Drift report: {escape(batch_name)}</h1>", head,
             f"<p class='muted'>{res['n_batch']} batch images vs {res['n_reference']} pool images "
             f"(each side subsampled, seeded). Significance α = {res['alpha']} per family "
-            f"(Bonferroni inside a family). PCA ({len(res['pca_ks'])} components, "
-            f"{res['pca_explained_variance']:.0%} of the variance) fitted on the pool.</p>"]
+            f"(Bonferroni inside a family: the embedding family's two tests, MMD and KS, "
+            f"are each compared to α/2). PCA ({len(res['pca_ks'])} components, "
+            f"{res['pca_explained_variance']:.0%} of the variance) fitted on pool and batch "
+            f"together.</p>"]
     if n_files is not None:
         body.append(f"<p>{n_files} files in the batch, {qc_failed} failed QC (not compared).</p>")
     body += ["<h2>Signals</h2>", _table(["signal", "statistic", "p", f"significant (α={res['alpha']})"], rows)]

@@ -48,14 +48,18 @@ def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,
 
     Each step picks ``argmax weight_i × d_i`` where ``d_i`` is the distance of row i to
     the nearest already chosen row or row of ``Z_fixed`` (the labelled images). Without
-    ``Z_fixed`` the first pick is the highest weight (ties: the point farthest from the
-    mean). Deterministic: ties go to the lowest index. Returns (indices, d at pick time).
+    ``Z_fixed`` (cold start) the first pick is the highest weight (ties: the point farthest
+    from the mean), and ``d`` is then reset to the distances from that pick — the
+    placeholder start values are not distances, and keeping them would cap every later
+    ``d`` at ~1 and degenerate the selection to top-weight. Deterministic: ties go to the
+    lowest index. Returns (indices, d at pick time; NaN for a cold-start first pick).
     """
     Z = np.asarray(Z, dtype=np.float64)
     n = len(Z)
     k = min(int(k), n)
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    if Z_fixed is not None and len(Z_fixed):
+    has_fixed = Z_fixed is not None and len(Z_fixed) > 0
+    if has_fixed:
         d = np.full(n, np.inf)
         for start in range(0, len(Z_fixed), 2048):
             block = np.asarray(Z_fixed[start:start + 2048], dtype=np.float64)
@@ -69,10 +73,12 @@ def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,
         score = np.where(taken, -np.inf, w * d)
         i = int(np.argmax(score))
         chosen.append(i)
-        at_pick.append(float(d[i]) if (Z_fixed is not None and len(Z_fixed)) or chosen[:-1]
-                       else float("nan"))
+        cold_first = not has_fixed and len(chosen) == 1
+        at_pick.append(float("nan") if cold_first else float(d[i]))
         taken[i] = True
-        d = np.minimum(d, np.linalg.norm(Z - Z[i], axis=1))
+        d_i = np.linalg.norm(Z - Z[i], axis=1)
+        # cold start: the start values were placeholders, the real distances begin here
+        d = d_i if cold_first else np.minimum(d, d_i)
     return np.asarray(chosen, dtype=np.int64), np.asarray(at_pick)
 
 

@@ -352,9 +352,11 @@ def load_finetuned(path: str | Path):
 
 # --------------------------------------------------------------------------- evaluate side
 def read_finetune_predictions(out_dir: str | Path = OUT_DIR) -> pd.DataFrame | None:
-    """The finetune stage's predictions, or None when the stage ran disabled."""
+    """The finetune stage's predictions, or None when the stage ran disabled (or, outside
+    DVC, never ran: its folder is absent)."""
     out_dir = Path(out_dir)
-    if (out_dir / DISABLED_FILE).is_file() and not (out_dir / PREDICTIONS_FILE).is_file():
+    if not out_dir.exists() or ((out_dir / DISABLED_FILE).is_file()
+                                and not (out_dir / PREDICTIONS_FILE).is_file()):
         return None
     path = out_dir / PREDICTIONS_FILE
     if not path.is_file():

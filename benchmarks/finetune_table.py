@@ -225,7 +225,10 @@ def render(results: dict, metas: dict, params: dict, args, wall: float) -> str:
              f"consistency: threshold {f['threshold']}, mu {f['mu']}, lambda_u {f['lambda_u']}, "
              f"distribution alignment {f['distribution_alignment']}), all from random init "
              "(ImageNet weights cannot be downloaded here). The numbers are therefore "
-             "**indicative**: one seed, budgets far below what these methods usually get.",
+             "**indicative**: one seed, budgets far below what these methods usually get "
+             "(SimCLR usually needs hundreds of epochs: a 3-epoch ssl row tests the plumbing "
+             "more than the method). The frozen rows embed at the same "
+             f"{args.image_size} px (the strategy tables above embed MRI at 128 px).",
              "",
              "Columns: test ROC-AUC with a stratified bootstrap 95 % CI "
              f"({args.n_boot} resamples); paired bootstrap Δ vs the frozen random-init row on "

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triage.finetune import (DISABLED_FILE, MODEL_FILE, OUT_DIR, PREDICTIONS_FILE,  # noqa: E402
                              SUMMARY_FILE)
 from triage.embed import check_weights_dependency  # noqa: E402
-from triage.io import (atomic_path, open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
+from triage.io import (open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
                        write_json)
 from triage.io import write_parquet  # noqa: E402
 from triage.params import load_params  # noqa: E402
@@ -33,9 +33,7 @@ def main() -> None:
         print("finetune: disabled (finetune.enabled: false); wrote the marker only")
         return
 
-    import torch
-
-    from triage.finetune import FinetuneConfig, model_bundle, run_finetune
+    from triage.finetune import FinetuneConfig, model_bundle, run_finetune, save_checkpoint
     from triage.metrics import point_metrics
 
     check_weights_dependency(f["weights"], "finetune.weights")
@@ -50,8 +48,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     labels = sorted({str(v) for v in rows.loc[rows["split"] == "labeled", "label"]})
     negative = next((c for c in labels if c != positive), "negative")
-    with atomic_path(OUT_DIR / MODEL_FILE) as tmp:
-        torch.save(model_bundle(result, cfg, positive, negative, target), tmp)
+    save_checkpoint(model_bundle(result, cfg, positive, negative, target), OUT_DIR / MODEL_FILE)
     preds = result["predictions"]
     write_parquet(preds, OUT_DIR / PREDICTIONS_FILE)
     oof = preds[preds["kind"] == "oof"]

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triage.embed import check_weights_dependency  # noqa: E402
 from triage.errors import PipelineError  # noqa: E402
-from triage.io import (atomic_path, open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
+from triage.io import (open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
                        write_json)
 from triage.params import load_params  # noqa: E402
 from triage.pretrain import CHECKPOINT_FILE, DISABLED_FILE, OUT_DIR  # noqa: E402
@@ -31,8 +31,7 @@ def main() -> None:
         print("pretrain: disabled (pretrain.enabled: false); wrote the marker only")
         return
 
-    import torch
-
+    from triage.finetune import save_checkpoint
     from triage.pretrain import PretrainConfig, run_pretrain
 
     check_weights_dependency(p["weights"], "pretrain.weights")
@@ -44,8 +43,7 @@ def main() -> None:
     result = run_pretrain(rows, cfg, log=lambda r: print(
         f"pretrain: epoch {r['epoch']} loss={r['loss']:.4f}", flush=True))
     seconds = time.perf_counter() - start
-    with atomic_path(OUT_DIR / CHECKPOINT_FILE) as tmp:
-        torch.save(result["state_dict"], tmp)
+    save_checkpoint(result["state_dict"], OUT_DIR / CHECKPOINT_FILE)
     with open_live("pretrain") as live:
         live.log_metric("enabled", 1, plot=False)
         live.log_metric("n_images", int(result["n_images"]), plot=False)

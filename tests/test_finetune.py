@@ -215,6 +215,17 @@ def test_ssl_checkpoint_roundtrips_into_build_backbone_and_embed(dataset, tmp_pa
     assert torch.equal(clf.conv1.weight, state["conv1.weight"]) and clf.fc.out_features == 2
 
 
+def test_saved_checkpoints_are_byte_stable_whatever_the_file_name(tmp_path):
+    from triage.finetune import save_checkpoint
+
+    state = {"w": torch.arange(6.0).view(2, 3), "threshold": 0.5}
+    save_checkpoint(state, tmp_path / "a.pt")
+    save_checkpoint(state, tmp_path / "other_name.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"])
+
+
 def test_missing_ssl_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WeightsError, match=r"data/pretrain/backbone.pt.*pretrain"):

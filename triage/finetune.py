@@ -338,6 +338,21 @@ def model_bundle(result: dict, cfg: FinetuneConfig, positive: str, negative: str
             "config": json.dumps(asdict(cfg), sort_keys=True)}
 
 
+def save_checkpoint(obj, path: str | Path) -> None:
+    """``torch.save`` atomically and byte-stable: torch names the zip records after the
+    file, so saving straight to a temp file would put its random name in the bytes."""
+    import io
+
+    import torch
+
+    from .io import atomic_path
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
 def load_finetuned(path: str | Path):
     """(model in eval mode, bundle) from a model.pt written by the finetune stage."""
     import torch

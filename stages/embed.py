@@ -19,7 +19,7 @@ WEIGHTS_DIR = Path("data/weights")
 def main() -> None:
     e = load_params()["embed"]
     rows = read_parquet(CLEAN, "clean manifest")
-    if e["weights"] not in ("random", "imagenet"):
+    if e["weights"] not in ("random", "imagenet", "ssl"):  # ssl: data/pretrain (a dep)
         # Only files under data/weights/ are a declared dependency of this stage: a file
         # elsewhere could change without DVC re-running the embedding.
         weights = Path(e["weights"]).resolve()

@@ -10,6 +10,8 @@ import pandas as pd  # noqa: E402
 
 from triage.embed import read_embeddings  # noqa: E402
 from triage.errors import PipelineError  # noqa: E402
+from triage.finetune import OUT_DIR as FINETUNE_DIR  # noqa: E402
+from triage.finetune import finetuned_scores, read_finetune_predictions  # noqa: E402
 from triage.io import open_live, run_stage, write_parquet  # noqa: E402
 from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
 from triage.models import load_model, positive_proba  # noqa: E402
@@ -26,6 +28,21 @@ def log_all(live, prefix: str, values: dict) -> None:
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
             live.log_metric(f"{prefix}/{key}", round(float(value), 6) if isinstance(value, float)
                             else value, plot=False)
+
+
+def log_model(live, name: str, test_rows: pd.DataFrame, y, p, threshold: float, ev: dict,
+              kw: dict) -> pd.DataFrame:
+    """Metrics with CIs and the four sklearn plots of one model; its prediction rows."""
+    log_all(live, name, evaluate_scores(y, p, threshold, **kw))
+    decision = (p >= threshold).astype(int)
+    live.log_sklearn_plot("roc", y, p, name=f"roc/{name}.json")
+    live.log_sklearn_plot("precision_recall", y, p, name=f"precision_recall/{name}.json")
+    live.log_sklearn_plot("confusion_matrix", y, decision, name=f"confusion/{name}.json")
+    live.log_sklearn_plot("calibration", y, p, name=f"calibration/{name}.json",
+                          n_bins=ev["calibration_bins"])
+    return pd.DataFrame({"id": test_rows["id"].to_numpy(), "model": name,
+                         "label": test_rows["label"].to_numpy(), "proba": p,
+                         "flagged": decision.astype(bool)})
 
 
 def main() -> None:
@@ -50,16 +67,15 @@ def main() -> None:
                                     f"{fp.get('fingerprint')}: run `dvc repro`")
             p = positive_proba(bundle["model"], X[test], positive)
             probs[name], thresholds[name] = p, bundle["threshold"]
-            log_all(live, name, evaluate_scores(y, p, bundle["threshold"], **kw))
-            decision = (p >= bundle["threshold"]).astype(int)
-            live.log_sklearn_plot("roc", y, p, name=f"roc/{name}.json")
-            live.log_sklearn_plot("precision_recall", y, p, name=f"precision_recall/{name}.json")
-            live.log_sklearn_plot("confusion_matrix", y, decision, name=f"confusion/{name}.json")
-            live.log_sklearn_plot("calibration", y, p, name=f"calibration/{name}.json",
-                                  n_bins=ev["calibration_bins"])
-            preds.append(pd.DataFrame({"id": rows.loc[test, "id"].to_numpy(), "model": name,
-                                       "label": rows.loc[test, "label"].to_numpy(),
-                                       "proba": p, "flagged": decision.astype(bool)}))
+            preds.append(log_model(live, name, rows.loc[test], y, p, bundle["threshold"], ev, kw))
+        # The end-to-end fine-tuned network (finetune stage), when enabled: same metrics,
+        # CIs and plots; its threshold reaches the target sensitivity on its labelled
+        # out-of-fold probabilities (never on test).
+        ft = read_finetune_predictions(FINETUNE_DIR)
+        if ft is not None:
+            p, threshold = finetuned_scores(ft, rows.loc[test, "id"].tolist(), positive,
+                                            ev["target_sensitivity"])
+            preds.append(log_model(live, "finetuned", rows.loc[test], y, p, threshold, ev, kw))
         delta = paired_delta(y, probs["baseline"], probs["semi_supervised"],
                              thresholds["baseline"], thresholds["semi_supervised"], **kw)
         log_all(live, "delta", delta)

@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["demo", "prepare", "qc", "embed", "cluster", "pseudo_label", "train", "evaluate"]
+STAGES = ["demo", "prepare", "qc", "pretrain", "embed", "cluster", "pseudo_label", "train", "finetune",
+          "evaluate"]
 MODELS = ("baseline", "semi_supervised")
 METRIC_NAMES = ("roc_auc pr_auc f1 accuracy sensitivity specificity ppv npv fn threshold "
                 "brier ece").split()
@@ -104,6 +105,11 @@ def test_full_run_produces_metric_contract(demo_repo):
     assert metrics["n_test"] == TINY["data.demo.n_test"]
     for stage in ("prepare", "qc", "embed", "cluster", "pseudo_label", "train", "evaluate"):
         assert (repo / f"metrics/{stage}/metrics.json").is_file()
+    # Representation stages are off by default: markers only, no finetuned.* metrics.
+    for stage in ("pretrain", "finetune"):
+        assert json.loads((repo / f"metrics/{stage}/metrics.json").read_text()) == {"enabled": 0}
+        assert (repo / f"data/{stage}/disabled.json").is_file()
+    assert "finetuned" not in metrics
     for plot in ("roc", "precision_recall", "confusion", "calibration"):
         for model in MODELS:
             assert (repo / f"metrics/evaluate/plots/sklearn/{plot}/{model}.json").is_file()

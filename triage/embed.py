@@ -22,6 +22,8 @@ from .errors import PipelineError, WeightsError
 from .io import atomic_path, log, sha256_file
 
 EMBED_DIM = 512
+# `weights: ssl` = the backbone written by the pretrain stage (triage/pretrain.py).
+SSL_CHECKPOINT = Path("data/pretrain/backbone.pt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = "grey(L, alpha on black, 16-bit rescaled) -> resize {s}x{s} bilinear -> 3ch -> imagenet mean/std"
@@ -86,9 +88,34 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tup
     return state, digest
 
 
-def build_backbone(weights: str, *, seed: int = 0, weights_sha256: str | None = None):
+def resolve_ssl_checkpoint(ssl_checkpoint: str | Path = SSL_CHECKPOINT) -> Path:
+    """Path of the self-supervised backbone, with a clear error when it was not made."""
+    path = Path(ssl_checkpoint)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights=ssl: the self-supervised checkpoint {path} does not exist. Run the "
+            f"pretrain stage first: set pretrain.enabled: true and `dvc repro pretrain` "
+            f"(or `dvc exp run -S pretrain.enabled=true`).")
+    return path
+
+
+def check_weights_dependency(weights: str, key: str, weights_dir: str | Path = "data/weights"
+                             ) -> None:
+    """A weights *file* must live under data/weights/ (a declared stage dependency), so a
+    change to it re-runs the stage; ``random``, ``imagenet`` and ``ssl`` need no file."""
+    if weights in ("random", "imagenet", "ssl"):
+        return
+    if Path(weights_dir).resolve() not in Path(weights).resolve().parents:
+        raise PipelineError(f"{key}: put the weights file under {weights_dir}/ (a dependency "
+                            f"of this stage, tracked with `dvc add`); got {weights}")
+
+
+def build_backbone(weights: str, *, seed: int = 0, weights_sha256: str | None = None,
+                   ssl_checkpoint: str | Path = SSL_CHECKPOINT):
     """ResNet18 with ``fc`` replaced by identity → 512-d pooled features, in eval mode.
 
+    ``weights``: ``random`` (seeded), ``imagenet``, ``ssl`` (the pretrain stage's
+    checkpoint, ``ssl_checkpoint``) or a path to a state dict.
     Returns (model, weights_info) where weights_info says what was loaded.
     """
     import torch
@@ -102,6 +129,10 @@ def build_backbone(weights: str, *, seed: int = 0, weights_sha256: str | None = 
         if weights == "imagenet":
             state, digest = load_imagenet_state_dict()
             info = {"weights": "imagenet:IMAGENET1K_V1", "weights_sha256": digest}
+        elif weights == "ssl":
+            path = resolve_ssl_checkpoint(ssl_checkpoint)
+            state, digest = load_checkpoint(path, weights_sha256)
+            info = {"weights": f"ssl:{path.as_posix()}", "weights_sha256": digest}
         else:
             state, digest = load_checkpoint(weights, weights_sha256)
             info = {"weights": Path(weights).as_posix(), "weights_sha256": digest}

@@ -60,6 +60,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def reset_dir(path: str | Path) -> Path:
+    """Empty ``path`` (a stage's output folder) so no file of an earlier run survives."""
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path, schema: pa.Schema | None = None,
                   metadata: dict[str, str] | None = None) -> None:
     """Write a DataFrame atomically; ``metadata`` goes into the Parquet schema metadata."""

@@ -91,7 +91,7 @@ SCHEMA: dict[str, Any] = {
     },
     "embed": {
         "backbone": Spec(STR, choices=("resnet18",)),
-        "weights": Spec(STR),  # imagenet | random | path to a .pth state dict
+        "weights": Spec(STR),  # imagenet | random | ssl | path to a .pth state dict
         "weights_sha256": Spec(STR, nullable=True),
         "seed": Spec(INT, min=0),
         "image_size": Spec(INT, min=32, max=1024),
@@ -143,6 +143,42 @@ SCHEMA: dict[str, Any] = {
         "ci_level": Spec(NUM, min=0.5, max=0.999),
         "calibration_bins": Spec(INT, min=2),
         "seed": Spec(INT, min=0),
+    },
+    "pretrain": {
+        "enabled": Spec(BOOL),
+        "weights": Spec(STR),  # random | imagenet | path to a .pth state dict
+        "seed": Spec(INT, min=0),
+        "image_size": Spec(INT, min=16, max=1024),
+        "epochs": Spec(INT, min=1, max=10000),
+        "batch_size": Spec(INT, min=2),
+        "lr": Spec(NUM, min=1e-8, max=10.0),
+        "weight_decay": Spec(NUM, min=0.0),
+        "temperature": Spec(NUM, min=0.01, max=10.0),
+        "projection_dim": Spec(INT, min=2),
+        "max_images": Spec(INT, min=0),
+        "threads": Spec(INT, min=1),
+        "device": Spec(STR, choices=("auto", "cpu", "cuda")),
+    },
+    "finetune": {
+        "enabled": Spec(BOOL),
+        "weights": Spec(STR),  # random | imagenet | ssl | path to a .pth state dict
+        "weights_sha256": Spec(STR, nullable=True),
+        "seed": Spec(INT, min=0),
+        "image_size": Spec(INT, min=16, max=1024),
+        "epochs": Spec(INT, min=1, max=10000),
+        "batch_size": Spec(INT, min=1),
+        "lr": Spec(NUM, min=1e-8, max=10.0),
+        "momentum": Spec(NUM, min=0.0, max=0.999),
+        "weight_decay": Spec(NUM, min=0.0),
+        "consistency": Spec(BOOL),
+        "lambda_u": Spec(NUM, min=0.0),
+        "mu": Spec(INT, min=1, max=64),
+        "threshold": Spec(NUM, min=0.5, max=1.0),
+        "distribution_alignment": Spec(BOOL),
+        "class_prior": Spec(NUM, min=0.01, max=0.99, nullable=True),
+        "cv_folds": Spec(INT, min=2, max=20),
+        "threads": Spec(INT, min=1),
+        "device": Spec(STR, choices=("auto", "cpu", "cuda")),
     },
     "select": {
         "batch_size": Spec(INT, min=1),

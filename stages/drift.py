@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from triage.drift import compare, flat_metrics, image_stats, render_html, subsample  # noqa: E402
+from triage.drift import (compare, flat_metrics, image_stats, prevalence_matched,  # noqa: E402
+                          render_html, subsample)
 from triage.embed import read_embeddings  # noqa: E402
 from triage.errors import PipelineError  # noqa: E402
 from triage.inference import Predictor, image_files  # noqa: E402
@@ -61,7 +62,6 @@ def main(argv=None) -> None:
     model_path = params["inference"]["model"]
     rng = np.random.default_rng(d["seed"])
     pool = np.flatnonzero(rows["split"].isin(["labeled", "unlabeled"]).to_numpy())
-    ref = pool[subsample(len(pool), d["max_images"], rng)]
     size = int(fp.get("image_size", params["embed"]["image_size"]))
     extra, n_files, n_failed = {}, None, 0
     if batch:
@@ -95,12 +95,26 @@ def main(argv=None) -> None:
         X_new, new_paths = X[test], rows.loc[test, "path"].tolist()
         p_new = positive_proba(bundle["model"], X_new, positive)
         name = "test split"
+    # The prevalence test uses the whole pool; the image/embedding tests a reference of at
+    # most max_images, resampled to the batch's predicted-positive rate when
+    # drift.match_prevalence (a change of prevalence alone is not a change of the images).
+    threshold = float(bundle["threshold"])
+    p_ref = positive_proba(bundle["model"], X[pool], positive)
+    if d["match_prevalence"]:
+        ref = pool[prevalence_matched(p_ref >= threshold, float(np.mean(p_new >= threshold)),
+                                      d["max_images"], rng)]
+    else:
+        ref = pool[subsample(len(pool), d["max_images"], rng)]
+    if len(ref) < 5:
+        raise PipelineError("drift: fewer than 5 pool images to compare with after matching the "
+                            "batch's predicted-positive rate (set drift.match_prevalence: false)")
     X_ref, ref_paths = X[ref], rows.loc[ref, "path"].tolist()
-    p_ref = positive_proba(bundle["model"], X_ref, positive)
+    extra["reference_prevalence_matched"] = int(d["match_prevalence"])
     stats_ref, stats_new = image_stats(ref_paths, size), image_stats(new_paths, size)
-    res = compare(X_ref, X_new, stats_ref, stats_new, p_ref, p_new, float(bundle["threshold"]),
+    res = compare(X_ref, X_new, stats_ref, stats_new, p_ref, p_new, threshold,
                   alpha=d["alpha"], n_permutations=d["n_permutations"],
                   pca_components=d["pca_components"], seed=d["seed"])
+    res["prevalence_matched"] = bool(d["match_prevalence"])
     metrics = flat_metrics(res, extra)
     order = np.argsort(-res["witness_batch"], kind="stable")[:N_TYPICAL]
     html = render_html(res, batch_name=name, Z_ref=res["Z_ref"], Z_new=res["Z_new"],

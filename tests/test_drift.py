@@ -216,3 +216,46 @@ def test_drift_stage_never_prints_logs_or_reports_the_batch_folder_path(tmp_path
                          cwd=repo, env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "drift.batch" in res.stderr, res.stderr
     assert "Jane_Doe" not in res.stdout + res.stderr
+
+
+def test_prevalence_matched_reference_has_the_batch_rate_and_is_seeded():
+    from triage.drift import prevalence_matched
+
+    pred = np.r_[np.ones(60, bool), np.zeros(140, bool)]  # pool predicted 30 % positive
+    idx = prevalence_matched(pred, 0.6, 100, np.random.default_rng(0))
+    assert len(idx) == 100 and len(set(idx)) == 100 and np.all(np.diff(idx) > 0)
+    assert pred[idx].mean() == pytest.approx(0.6, abs=0.01)
+    # limited by the 60 predicted positives: 60 / 0.75 = 80 items at most
+    assert len(prevalence_matched(pred, 0.75, 400, np.random.default_rng(0))) == 80
+    assert pred[prevalence_matched(pred, 0.0, 50, np.random.default_rng(0))].sum() == 0
+    np.testing.assert_array_equal(idx, prevalence_matched(pred, 0.6, 100, np.random.default_rng(0)))
+
+
+def test_a_change_of_prevalence_alone_is_not_image_drift_once_matched():
+    """Same class-conditional images, 25 % vs 60 % positives: the unmatched embedding test
+    sees the mix change; against a reference resampled to the batch's predicted rate it
+    does not, while the predicted-positive-rate test still reports the shift."""
+    from triage.drift import prevalence_matched
+
+    rng = np.random.default_rng(0)
+    mu = np.r_[np.full(3, 2.0), np.zeros(13)]
+
+    def draw(n_pos, n_neg):
+        X = np.r_[rng.normal(0, 1, (n_pos, 16)) + mu, rng.normal(0, 1, (n_neg, 16)) - mu]
+        return X, X[:, :3].mean(1)  # score: a good classifier's margin
+
+    X_ref, s_ref = draw(250, 750)
+    X_new, s_new = draw(180, 120)
+    p_ref, p_new = 1 / (1 + np.exp(-3 * s_ref)), 1 / (1 + np.exp(-3 * s_new))
+    st_ref, st_new = np.zeros((len(X_ref), 3)), np.zeros((len(X_new), 3))
+    st_ref[:] = rng.normal(size=st_ref.shape)
+    st_new[:] = rng.normal(size=st_new.shape)
+    kw = dict(alpha=0.01, n_permutations=200, pca_components=8, seed=0)
+    sub = np.random.default_rng(1).choice(len(X_ref), 300, replace=False)
+    raw = compare(X_ref[sub], X_new, st_ref[sub], st_new, p_ref, p_new, 0.5, **kw)
+    assert raw["embedding_drift"] == 1  # the mix alone moves the embedding distribution
+    idx = prevalence_matched(p_ref >= 0.5, float(np.mean(p_new >= 0.5)), 300,
+                             np.random.default_rng(1))
+    matched = compare(X_ref[idx], X_new, st_ref[idx], st_new, p_ref, p_new, 0.5, **kw)
+    assert matched["embedding_drift"] == 0 and matched["drift"] == 0
+    assert matched["prediction_shift"] == 1

@@ -13,6 +13,9 @@ Three families of signals, each tested at ``alpha`` (Bonferroni inside a family)
 * **prediction** — predicted-positive rate at the operating threshold, Fisher exact test.
   A change can be a real change of prevalence rather than of the images, so it is
   reported on its own (``prediction_shift``) and does not make ``drift`` true by itself.
+  With ``drift.match_prevalence`` the embedding and image tests compare the batch with a
+  reference resampled to the batch's predicted-positive rate (``prevalence_matched``), so
+  that a change of prevalence alone does not read as a change of the images.
 
 Everything is seeded (subsampling, permutations): the same inputs give the same numbers.
 """
@@ -39,6 +42,31 @@ def subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def prevalence_matched(pred_ref: np.ndarray, batch_rate: float, k: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of at most ``k`` reference items whose predicted-positive share is
+    ``batch_rate`` (a stratified subsample by the model's decision).
+
+    The images of a batch with another prevalence (more cancers) differ from the pool's
+    by that alone; comparing against a reference with the batch's predicted mix asks
+    whether the images changed *beyond* the change of prevalence, which the
+    predicted-positive-rate test reports on its own. Uses predictions only, no labels.
+    """
+    pred_ref = np.asarray(pred_ref, bool)
+    pos, neg = np.flatnonzero(pred_ref), np.flatnonzero(~pred_ref)
+    rate = float(np.clip(batch_rate, 0.0, 1.0))
+    n = k
+    if rate > 0:
+        n = min(n, int(np.floor(len(pos) / rate)))
+    if rate < 1:
+        n = min(n, int(np.floor(len(neg) / (1 - rate))))
+    n_pos = int(round(n * rate))
+    n_pos, n_neg = min(n_pos, len(pos)), min(n - n_pos, len(neg))
+    take = np.r_[rng.choice(pos, size=n_pos, replace=False) if n_pos else np.zeros(0, int),
+                 rng.choice(neg, size=n_neg, replace=False) if n_neg else np.zeros(0, int)]
+    return np.sort(take.astype(int))
 
 
 def image_stats(paths, size: int) -> np.ndarray:
@@ -240,6 +268,11 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
             f"are each compared to α/2). PCA ({len(res['pca_ks'])} components, "
             f"{res['pca_explained_variance']:.0%} of the variance) fitted on pool and batch "
             f"together.</p>"]
+    if res.get("prevalence_matched"):
+        body.append("<p class='muted'>The image and embedding tests use pool images resampled to "
+                    "the batch's predicted-positive rate, so a change of prevalence alone is not "
+                    "read as a change of the images; the predicted-positive-rate row compares "
+                    "with the whole pool.</p>")
     if n_files is not None:
         body.append(f"<p>{n_files} files in the batch, {qc_failed} failed QC (not compared).</p>")
     body += ["<h2>Signals</h2>", _table(["signal", "statistic", "p", f"significant (α={res['alpha']})"], rows)]

@@ -198,6 +198,7 @@ SCHEMA: dict[str, Any] = {
         "n_permutations": Spec(INT, min=10, max=10000),
         "max_images": Spec(INT, min=20),
         "pca_components": Spec(INT, min=2),
+        "match_prevalence": Spec(BOOL),
         "seed": Spec(INT, min=0),
     },
 }

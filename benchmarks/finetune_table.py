@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import platform
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from semisup_data import SHARED, SPLIT_SEED, _split  # noqa: E402
+from semisup_data import SHARED, SPLIT_SEED, _split, pneumonia_pngs  # noqa: E402
 from triage.finetune import (FinetuneConfig, deterministic, load_images,  # noqa: E402
                              predict_proba, train_model, training_rows)
 from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
@@ -71,27 +70,7 @@ def brain_rows() -> pd.DataFrame:
 
 def pneumonia_rows() -> pd.DataFrame:
     """Same de-duplication and split as semisup_data.pneumonia; PNGs written under /tmp."""
-    from PIL import Image
-
-    d = np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
-    out = WORK / "pneumonia_png"
-    out.mkdir(parents=True, exist_ok=True)
-    seen, ids, paths, labels, is_test = set(), [], [], [], []
-    for part in ("train", "val", "test"):
-        for img, lab in zip(d[f"{part}_images"], d[f"{part}_labels"].ravel()):
-            h = hashlib.sha256(img.tobytes()).hexdigest()
-            if h in seen:
-                continue
-            seen.add(h)
-            path = out / f"{h}.png"
-            if not path.is_file():
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="PNG")
-                path.write_bytes(buf.getvalue())
-            ids.append(h)
-            paths.append(str(path))
-            labels.append(POS if lab == 1 else "normal")
-            is_test.append(part == "test")
+    ids, paths, labels, is_test = pneumonia_pngs(WORK / "pneumonia_png")
     labels = np.array(labels, dtype=object)
     split = _split(labels, np.random.default_rng(SPLIT_SEED), test_mask=np.array(is_test))
     rows = pd.DataFrame({"id": ids, "path": paths, "split": split, "truth": labels})

@@ -25,6 +25,38 @@ CACHE = Path("/tmp/triage_semisup_cache")
 N_LAB, N_POOL, SPLIT_SEED = 100, 1406, 0
 
 
+def pneumonia_n_files() -> int:
+    d = np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
+    return sum(len(d[f"{part}_labels"]) for part in ("train", "val", "test"))
+
+
+def pneumonia_pngs(out: Path) -> tuple[list[str], list[str], list[str], list[bool]]:
+    """PneumoniaMNIST train+val+test de-duplicated by sha256 of the pixels, written once as
+    PNGs under ``out`` (outside the repo). Returns ids, paths, labels (pneumonia =
+    "cancer", the positive column), is_test (the official test split)."""
+    from PIL import Image
+
+    d = np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
+    out.mkdir(parents=True, exist_ok=True)
+    seen, ids, paths, labels, is_test = set(), [], [], [], []
+    for part in ("train", "val", "test"):
+        for img, lab in zip(d[f"{part}_images"], d[f"{part}_labels"].ravel()):
+            h = hashlib.sha256(img.tobytes()).hexdigest()
+            if h in seen:
+                continue
+            seen.add(h)
+            path = out / f"{h}.png"
+            if not path.is_file():
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="PNG")
+                path.write_bytes(buf.getvalue())
+            ids.append(h)
+            paths.append(str(path))
+            labels.append("cancer" if lab == 1 else "normal")
+            is_test.append(part == "test")
+    return ids, paths, labels, is_test
+
+
 def _embed(paths: list[str], image_size: int) -> np.ndarray:
     import torch
 
@@ -94,31 +126,10 @@ def pneumonia(image_size: int = 64):
     sha256 of the pixels); test = the official test split."""
     cache = CACHE / f"pneumonia_{image_size}.npz"
     if not cache.is_file():
-        from PIL import Image
-
-        d = np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
-        tmp = CACHE / "pneumonia_png"
-        tmp.mkdir(parents=True, exist_ok=True)
-        seen, ids, paths, labels, is_test = set(), [], [], [], []
-        for part in ("train", "val", "test"):
-            for img, lab in zip(d[f"{part}_images"], d[f"{part}_labels"].ravel()):
-                h = hashlib.sha256(img.tobytes()).hexdigest()
-                if h in seen:
-                    continue
-                seen.add(h)
-                path = tmp / f"{h}.png"
-                if not path.is_file():
-                    buf = io.BytesIO()
-                    Image.fromarray(img).save(buf, format="PNG")
-                    path.write_bytes(buf.getvalue())
-                ids.append(h)
-                paths.append(str(path))
-                labels.append("cancer" if lab == 1 else "normal")
-                is_test.append(part == "test")
+        ids, paths, labels, is_test = pneumonia_pngs(CACHE / "pneumonia_png")
         X = _embed(paths, image_size)
         np.savez(cache, ids=np.array(ids), labels=np.array(labels), X=X,
-                 is_test=np.array(is_test), n_files=sum(len(d[f"{p}_labels"])
-                                                        for p in ("train", "val", "test")))
+                 is_test=np.array(is_test), n_files=pneumonia_n_files())
     d = np.load(cache)
     labels = d["labels"].astype(object)
     split = _split(labels, np.random.default_rng(SPLIT_SEED), test_mask=d["is_test"])

@@ -93,7 +93,7 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     ``rows`` has id, split, label aligned with ``X``; only ``labeled`` and ``unlabeled``
     rows are used (test rows are ignored: they never enter a fold or the pool).
     """
-    p, t = params["pseudo"], params["train"]
+    t = params["train"]
     lab = (rows["split"] == "labeled").to_numpy()
     pool = (rows["split"] == "unlabeled").to_numpy()
     X_lab, y_lab = X[lab], rows.loc[lab, "label"].to_numpy(dtype=object)

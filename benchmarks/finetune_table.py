@@ -20,7 +20,6 @@ Every other setting comes from params.yaml (finetune.*, pretrain.*, train.*).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import sys
 import time
@@ -34,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from semisup_data import SHARED, SPLIT_SEED, _split, pneumonia_pngs  # noqa: E402
+from semisup_data import (SHARED, SPLIT_SEED, _split, brain_mri_unique,  # noqa: E402
+                          pneumonia_pngs)
 from triage.finetune import (FinetuneConfig, deterministic, load_images,  # noqa: E402
                              predict_proba, train_model, training_rows)
 from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
@@ -51,18 +51,7 @@ START, END = "<!-- finetune_table:start -->", "<!-- finetune_table:end -->"
 def brain_rows() -> pd.DataFrame:
     """Same de-duplication and split as semisup_data.brain_mri, with file paths."""
     files = sorted((SHARED / "brain_mri_4class").rglob("*.jpg"))
-    recs: dict = {}
-    for p in files:
-        h = hashlib.sha256(p.read_bytes()).hexdigest()
-        recs.setdefault(h, []).append((str(p), "normal" if p.parent.name == "notumor" else POS))
-    ids, paths, labels = [], [], []
-    for h in sorted(recs):
-        labs = {lab for _, lab in recs[h]}
-        if len(labs) > 1:
-            continue
-        ids.append(h)
-        paths.append(sorted(recs[h])[0][0])
-        labels.append(labs.pop())
+    ids, paths, labels = brain_mri_unique(files)
     labels = np.array(labels, dtype=object)
     split = _split(labels, np.random.default_rng(SPLIT_SEED))
     return pd.DataFrame({"id": ids, "path": paths, "split": split, "truth": labels})

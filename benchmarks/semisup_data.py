@@ -25,6 +25,25 @@ CACHE = Path("/tmp/triage_semisup_cache")
 N_LAB, N_POOL, SPLIT_SEED = 100, 1406, 0
 
 
+def brain_mri_unique(files: list[Path]) -> tuple[list[str], list[str], list[str]]:
+    """Byte-identical brain MRI files merged (sha256, sorted); a group whose copies carry
+    both binary labels is dropped. Returns ids, one path per id, labels (notumor =
+    normal, any tumour = "cancer")."""
+    recs: dict = {}
+    for p in files:
+        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        recs.setdefault(h, []).append((str(p), "normal" if p.parent.name == "notumor" else "cancer"))
+    ids, paths, labels = [], [], []
+    for h in sorted(recs):
+        labs = {lab for _, lab in recs[h]}
+        if len(labs) > 1:
+            continue
+        ids.append(h)
+        paths.append(sorted(recs[h])[0][0])
+        labels.append(labs.pop())
+    return ids, paths, labels
+
+
 def pneumonia_n_files() -> int:
     d = np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
     return sum(len(d[f"{part}_labels"]) for part in ("train", "val", "test"))
@@ -95,19 +114,7 @@ def brain_mri(image_size: int = 128):
     root = SHARED / "brain_mri_4class"
     if not cache.is_file():
         files = sorted(p for p in root.rglob("*.jpg"))
-        recs = {}
-        for p in files:
-            h = hashlib.sha256(p.read_bytes()).hexdigest()
-            lab = "normal" if p.parent.name == "notumor" else "cancer"
-            recs.setdefault(h, []).append((str(p), lab))
-        ids, paths, labels = [], [], []
-        for h in sorted(recs):
-            labs = {lab for _, lab in recs[h]}
-            if len(labs) > 1:
-                continue
-            ids.append(h)
-            paths.append(sorted(recs[h])[0][0])
-            labels.append(labs.pop())
+        ids, paths, labels = brain_mri_unique(files)
         X = _embed(paths, image_size)
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(cache, ids=np.array(ids), labels=np.array(labels), X=X,

@@ -9,13 +9,15 @@ import pandas as pd  # noqa: E402
 from triage.cluster import (cluster_purity, cluster_quality, make_clusterer,  # noqa: E402
                             projection_image)
 from triage.embed import read_embeddings  # noqa: E402
-from triage.io import open_live, run_stage, write_csv, write_json, write_parquet  # noqa: E402
+from triage.io import (atomic_path, open_live, run_stage, write_csv, write_json,  # noqa: E402
+                       write_parquet)
 from triage.params import load_params  # noqa: E402
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
 CLUSTERS = Path("data/cluster/clusters.csv")
 MODEL = Path("data/cluster/clusterer.json")
+PROJECTION = Path("reports/cluster_projection.png")
 
 
 def main() -> None:
@@ -64,8 +66,10 @@ def main() -> None:
         sweep = model.sweep_ or [{"k": int(model.k_), "silhouette": quality["silhouette"]}]
         live.log_plot("k_sweep", pd.DataFrame(sweep).fillna(0.0).round(6), x="k",
                       y="silhouette", template="linear", title="Silhouette by k (cluster.k: auto)")
-        live.log_image("projection.png", projection_image(Z[:, :2], model.labels_,
-                                                          known, positive))
+    # One point per image, with its label: derived from patient data, so a cached DVC
+    # output (reports/, git-ignored) rather than a git-tracked metrics file.
+    with atomic_path(PROJECTION) as tmp:
+        projection_image(Z[:, :2], model.labels_, known, positive).save(tmp, format="PNG")
     print(f"cluster: {c['method']} k={model.k_} silhouette={quality['silhouette']:.3f} "
           f"explained_variance={model.explained_variance_:.3f}")
 

@@ -30,7 +30,7 @@ def main() -> None:
     embedder = Embedder(e["weights"], seed=e["seed"], weights_sha256=e["weights_sha256"] or None,
                         image_size=e["image_size"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],
-                        precision=e["precision"]).fit()
+                        precision=e["precision"], kernels=e["kernels"]).fit()
     # OUT is `persist: true` in dvc.yaml: DVC leaves the previous file in place so
     # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
     reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
@@ -41,7 +41,8 @@ def main() -> None:
     fp = embedder.fingerprint_
     with open_live("embed") as live:
         live.log_metric("n_images", n, plot=False)
-        for key in ("weights", "weights_sha256", "image_size", "precision", "fingerprint"):
+        for key in ("weights", "weights_sha256", "image_size", "precision", "kernels",
+                    "fingerprint"):
             live.log_param(key, fp.get(key))
         live.log_param("device", embedder.device_)
     # Timings vary run to run: kept out of the stage's outputs so `dvc repro -f` gives an

@@ -46,6 +46,10 @@ def closure(script: str) -> set[str]:
             continue
         seen.add(rel)
         todo.extend(triage_imports(ROOT / rel) - seen)
+    # importing any triage module runs the package's __init__ (it sets MKL's reproducible
+    # mode, which the embedding's bits depend on)
+    if any(rel.startswith("triage/") for rel in seen):
+        seen.add("triage/__init__.py")
     return seen
 
 

@@ -8,9 +8,9 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
-from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .canonical import CanonicalPipeline, canonical_reducer, snap
 from .errors import PipelineError
 
 
@@ -36,9 +36,13 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
 
             gm = GaussianMixture(n_components=k, covariance_type="diag", n_init=2,
                                  random_state=self.random_state, reg_covar=1e-4).fit(Z)
-            return gm.predict(Z), gm.means_
-        km = KMeans(n_clusters=k, n_init=10, random_state=self.random_state).fit(Z)
-        return km.labels_, km.cluster_centers_
+            labels, centers = gm.predict(Z), gm.means_
+        else:
+            # tol=0: Lloyd runs until no label changes (strict convergence), so where it
+            # stops does not hang on a float comparison that another CPU could flip.
+            km = KMeans(n_clusters=k, n_init=10, tol=0.0, random_state=self.random_state).fit(Z)
+            labels, centers = km.labels_, km.cluster_centers_
+        return labels, centroids(Z, labels, centers)
 
     def _check_sizes(self, n: int) -> None:
         """Clear errors, naming the params, when the pool is too small for the settings."""
@@ -64,9 +68,8 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float64)
         self._check_sizes(len(X))
         n_comp = int(min(self.n_components, X.shape[0], X.shape[1]))
-        self.reducer_ = Pipeline([("scale", StandardScaler()),
-                                  ("pca", PCA(n_components=n_comp, random_state=self.random_state))])
-        Z = self.reducer_.fit_transform(X)
+        self.reducer_ = canonical_reducer(n_comp, self.random_state).fit(X)
+        Z = self.transform(X)
         self.sweep_ = []
         if self.method == "hdbscan":
             from sklearn.cluster import HDBSCAN
@@ -76,14 +79,15 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
             # renumber 0..n-1 (noise stays -1); centroids of the found clusters
             remap = {c: i for i, c in enumerate(found)}
             labels = np.array([remap.get(c, -1) for c in labels])
-            centers = (np.stack([Z[labels == i].mean(axis=0) for i in range(len(found))])
-                       if found else Z.mean(axis=0, keepdims=True))
+            centers = (centroids(Z, labels, np.zeros((len(found), Z.shape[1])))
+                       if found else snap(Z.mean(axis=0, keepdims=True)))
         elif self.k == "auto":
             lo, hi = int(self.k_range[0]), int(min(self.k_range[1], len(X) - 1))
             best = None
             for k in range(lo, hi + 1):
                 labels_k, centers_k = self._fit_k(Z, k)
-                s = cluster_quality(Z, labels_k, seed=self.random_state)["silhouette"]
+                # rounded: a silhouette tie between two k must not be decided by noise
+                s = round(cluster_quality(Z, labels_k, seed=self.random_state)["silhouette"], 9)
                 self.sweep_.append({"k": k, "silhouette": s})
                 if best is None or s > best[0] + 1e-12:
                     best = (s, k, labels_k, centers_k)
@@ -97,8 +101,8 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        """PCA coordinates (the space the clusters live in)."""
-        return self.reducer_.transform(np.asarray(X, dtype=np.float64))
+        """PCA coordinates (the space the clusters live in), snapped (triage.canonical)."""
+        return snap(self.reducer_.transform(np.asarray(X, dtype=np.float64)), axis=1)
 
     def predict(self, X) -> np.ndarray:
         """Nearest cluster centre in PCA space (= KMeans' rule; GMM/HDBSCAN: centroid)."""
@@ -132,11 +136,24 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         pca.mean_, pca.components_ = np.asarray(d["pca_mean"]), np.asarray(d["pca_components"])
         pca.n_components_, pca.n_features_in_ = len(pca.components_), len(pca.mean_)
         pca.whiten = False
-        self.reducer_ = Pipeline([("scale", scale), ("pca", pca)])
+        self.reducer_ = CanonicalPipeline([("scale", scale), ("pca", pca)])
         self.centers_ = np.asarray(d["centers"])
         self.k_ = int(d.get("k_chosen", len(self.centers_)))
         self.explained_variance_ = d["explained_variance"]
         return self
+
+
+def centroids(Z: np.ndarray, labels: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Snapped mean of each cluster's points, recomputed from the labels (NumPy's
+    fixed-order sum), so the centres depend on which points a cluster holds, not on the
+    clustering library's last update; a cluster with no point keeps its fitted centre."""
+    fallback = np.asarray(fallback, dtype=np.float64)
+    out = fallback.copy()
+    for i in range(len(fallback)):
+        members = Z[labels == i]
+        if len(members):
+            out[i] = members.mean(axis=0)
+    return snap(out)
 
 
 def make_clusterer(c: dict) -> PoolClusterer:

@@ -26,10 +26,7 @@ from html import escape
 
 import numpy as np
 from scipy.stats import fisher_exact, ks_2samp
-from sklearn.decomposition import PCA
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-
+from .canonical import canonical_reducer, snap, snap_relative
 from .errors import PipelineError
 from .images import load_grey
 from .qc_report import CSS as BASE_CSS, thumbnail_uri
@@ -87,15 +84,17 @@ def rbf_mmd_test(A: np.ndarray, B: np.ndarray, n_permutations: int, seed: int) -
     """Biased MMD² (RBF, median heuristic) and its permutation p-value."""
     Z = np.concatenate([A, B]).astype(np.float64)
     sq = (Z * Z).sum(1)
-    D2 = np.maximum(sq[:, None] + sq[None] - 2 * Z @ Z.T, 0.0)
+    # snapped (triage.canonical): Z @ Z.T is a BLAS product and np.exp is SIMD-dispatched,
+    # both CPU-dependent in the last bits; the p-value compares sums of these.
+    D2 = snap(np.maximum(sq[:, None] + sq[None] - 2 * Z @ Z.T, 0.0))
     iu = np.triu_indices(len(Z), 1)
     sigma2 = float(np.median(D2[iu])) or 1.0
-    K = np.exp(-D2 / (2 * sigma2))
+    K = snap(np.exp(-D2 / (2 * sigma2)))
     nA, nB = len(A), len(B)
     w = np.concatenate([np.full(nA, 1.0 / nA), np.full(nB, -1.0 / nB)])
-    stat = float(w @ K @ w)
+    stat = float(snap_relative(w @ K @ w))
     rng = np.random.default_rng(seed)
-    perms = np.array([(lambda v: v @ K @ v)(rng.permutation(w)) for _ in range(n_permutations)])
+    perms = snap_relative([(lambda v: v @ K @ v)(rng.permutation(w)) for _ in range(n_permutations)])
     p = (1 + int((perms >= stat).sum())) / (1 + n_permutations)
     # witness: how much each point looks like the batch rather than the pool
     witness = K[:, nA:].mean(1) - K[:, :nA].mean(1)
@@ -136,8 +135,7 @@ def compare(X_ref: np.ndarray, X_new: np.ndarray, stats_ref: np.ndarray, stats_n
                             f"use at least {int(np.ceil(2 / alpha))}")
     pooled = np.r_[X_ref, X_new]
     n_comp = int(min(pca_components, len(pooled) - 1, X_ref.shape[1]))
-    space = Pipeline([("scale", StandardScaler()),
-                      ("pca", PCA(n_components=n_comp, random_state=seed))]).fit(pooled)
+    space = canonical_reducer(n_comp, seed).fit(pooled)
     Z_ref, Z_new = space.transform(X_ref), space.transform(X_new)
     mmd = rbf_mmd_test(Z_ref, Z_new, n_permutations, seed)
     comps = ks_family(Z_ref, Z_new, [f"pc{i + 1}" for i in range(n_comp)])

@@ -22,6 +22,19 @@ from .errors import PipelineError, WeightsError
 from .io import atomic_path, log, sha256_file
 
 EMBED_DIM = 512
+# Numeric paths (the fingerprint's ``kernels``). oneDNN picks its convolution kernels per
+# CPU: its FMA-less AVX/SSE4.1 kernels round differently from the AVX2/AVX-512 ones, and
+# an ISA it may add later could block differently. CANONICAL_CPU pins it to its AVX2 (FMA)
+# kernels, the same instructions on every AVX2 or AVX-512 x86-64 CPU: measured
+# bit-identical to the AVX-512 kernels, under 1, 2 and 16 threads, and whatever the MKL or
+# OpenBLAS settings (tests/test_reproducibility.py). Rejected: NNPACK (torch's choice with
+# oneDNN off) blocks its channel sums by the CPU's L1 size, so a 32 KiB-L1 CPU adds in
+# another order than a 48 KiB one; im2col + MKL SGEMM in MKL's reproducible mode is exact
+# but 7.5x slower. CUDA and bf16 are never bit-identical across devices: they get their
+# own value, so a model refuses vectors made on another numeric path.
+CANONICAL_CPU = "cpu-onednn-avx2"
+CANONICAL_ONEDNN_ISA = "AVX2"
+KERNELS = ("canonical", "fast")
 # `weights: ssl` = the backbone written by the pretrain stage (triage/pretrain.py).
 SSL_CHECKPOINT = Path("data/pretrain/backbone.pt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -225,7 +238,51 @@ def fuse_batchnorm(model):
     return model
 
 
-def fingerprint(weights_info: dict, image_size: int, precision: str) -> dict:
+# The ONEDNN_MAX_CPU_ISA this process's oneDNN was started with by an Embedder (it is read
+# once, at oneDNN's first primitive; a process that ran oneDNN before triage's first
+# embedder keeps what it had: stages, the CLI and the API embed in a fresh process).
+_onednn_started_with: str | None = None
+
+
+def resolve_kernels(kernels: str, device: str, precision: str) -> str:
+    """The numeric path this embedder uses (recorded in the fingerprint)."""
+    if kernels not in KERNELS:
+        raise PipelineError(f"embed.kernels must be one of {KERNELS}, got {kernels!r}")
+    if device == "cuda":
+        return f"cuda-{precision}"
+    if kernels != "canonical" or precision != "fp32":
+        return f"cpu-onednn-{precision}"
+    return CANONICAL_CPU
+
+
+def start_onednn(canonical: bool) -> None:
+    """Pin oneDNN's kernels for canonical embeddings, before its first use in the process."""
+    global _onednn_started_with
+    if _onednn_started_with is None:
+        if canonical:
+            import torch
+
+            if not torch.cpu._is_avx2_supported():
+                raise PipelineError(
+                    "embed.kernels: canonical needs an x86-64 CPU with AVX2 (the kernels that "
+                    "define the canonical bits); this CPU has none. Use embed.kernels: fast "
+                    "(vectors then depend on the CPU and the fingerprint says so).")
+            inherited = os.environ.get("ONEDNN_MAX_CPU_ISA")
+            if inherited and inherited.upper() != CANONICAL_ONEDNN_ISA:
+                log.warning("embed: ONEDNN_MAX_CPU_ISA=%s ignored: canonical embeddings pin "
+                            "oneDNN to %s (embed.kernels: fast honours it)", inherited,
+                            CANONICAL_ONEDNN_ISA)
+            os.environ["ONEDNN_MAX_CPU_ISA"] = CANONICAL_ONEDNN_ISA
+        _onednn_started_with = os.environ.get("ONEDNN_MAX_CPU_ISA", "native").upper()
+    elif canonical and _onednn_started_with != CANONICAL_ONEDNN_ISA:
+        raise PipelineError(
+            f"embed.kernels: canonical: oneDNN already runs with ONEDNN_MAX_CPU_ISA="
+            f"{_onednn_started_with} in this process (it is fixed at its first use); embed "
+            f"in a new process")
+
+
+def fingerprint(weights_info: dict, image_size: int, precision: str,
+                kernels: str = CANONICAL_CPU) -> dict:
     import torch
     import torchvision
 
@@ -235,6 +292,7 @@ def fingerprint(weights_info: dict, image_size: int, precision: str) -> dict:
         "preprocess": PREPROCESS.format(s=image_size),
         "image_size": image_size,
         "precision": precision,
+        "kernels": kernels,
         "fused_batchnorm": True,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -248,20 +306,28 @@ class Embedder:
 
     def __init__(self, weights: str = "random", *, seed: int = 0, weights_sha256: str | None = None,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 device: str = "auto", precision: str = "fp32"):
+                 device: str = "auto", precision: str = "fp32", kernels: str = "canonical"):
         self.weights, self.seed, self.weights_sha256 = weights, seed, weights_sha256
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers, self.device, self.precision = num_workers, device, precision
+        self.kernels = kernels
 
     def fit(self, paths=None, y=None):
         import torch
 
         self.device_ = resolve_device(self.device)
+        if self.kernels not in KERNELS:
+            raise PipelineError(f"embed.kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.device_ == "cpu":
+            # before anything asks oneDNN (even bf16 support): its ISA is fixed at first use;
+            # pinned to AVX2, `precision: auto` resolves to fp32 (no native bf16 there)
+            start_onednn(self.kernels == "canonical" and self.precision != "bf16")
         self.precision_ = resolve_precision(self.precision, self.device_)
+        self.kernels_ = resolve_kernels(self.kernels, self.device_, self.precision_)
         model, info = build_backbone(self.weights, seed=self.seed,
                                      weights_sha256=self.weights_sha256)
         self.model_ = fuse_batchnorm(model).to(self.device_).to(memory_format=torch.channels_last)
-        self.fingerprint_ = fingerprint(info, self.image_size, self.precision_)
+        self.fingerprint_ = fingerprint(info, self.image_size, self.precision_, self.kernels_)
         return self
 
     def iter_batches(self, paths: list[str]) -> Iterator[np.ndarray]:

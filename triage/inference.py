@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .embed import Embedder
+from .embed import CANONICAL_CPU, Embedder
 from .errors import PipelineError
 from .io import log
 from .prepare import describe_file, list_files
@@ -26,7 +26,7 @@ from .qc import inspect_image
 PREDICTION_COLUMNS = ["id", "path", "probability", "decision", "needs_review", "qc_status",
                       "qc_detail"]
 FINGERPRINT_FIELDS = ("weights", "weights_seed", "weights_sha256", "image_size", "precision",
-                      "preprocess", "fused_batchnorm", "torch", "torchvision")
+                      "kernels", "preprocess", "fused_batchnorm", "torch", "torchvision")
 
 
 class FingerprintMismatch(PipelineError):
@@ -95,7 +95,8 @@ def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
               weights_sha256=embed_params.get("weights_sha256") or None,
               image_size=embed_params["image_size"], precision=embed_params["precision"],
               batch_size=embed_params.get("batch_size", 64), device=embed_params.get("device", "auto"),
-              num_workers=embed_params.get("num_workers", 0))
+              num_workers=embed_params.get("num_workers", 0),
+              kernels=embed_params.get("kernels", "canonical"))
     if stored:
         w = str(stored.get("weights", ""))
         kw["weights"] = "imagenet" if w.startswith("imagenet") else w or kw["weights"]
@@ -105,6 +106,12 @@ def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
             kw["weights_sha256"] = stored["weights_sha256"]  # the same weights file, checked
         kw["image_size"] = int(stored.get("image_size", kw["image_size"]))
         kw["precision"] = str(stored.get("precision", kw["precision"]))
+        # The numeric path defines the bits: vectors made on the CPU are re-made on the CPU
+        # (a GPU here would give other last bits, and another fingerprint).
+        kernels = str(stored.get("kernels", ""))
+        if kernels.startswith("cpu-"):
+            kw["device"] = "cpu"
+            kw["kernels"] = "canonical" if kernels == CANONICAL_CPU else "fast"
     return kw
 
 

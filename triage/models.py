@@ -15,13 +15,13 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from .canonical import canonical_fit, logistic_regression, snap_relative
 from .errors import PipelineError
 from .io import atomic_path
 
@@ -38,6 +38,7 @@ TRUSTED_TYPES = [
     "sklearn.decomposition._pca.PCA",
     "sklearn.cluster._kmeans.KMeans",
     "triage.cluster.PoolClusterer",
+    "triage.canonical.CanonicalPipeline",
     "sklearn.neighbors._classification.KNeighborsClassifier",
     "sklearn.neighbors._kd_tree.KDTree",
     "sklearn.neighbors._ball_tree.BallTree",
@@ -60,7 +61,7 @@ def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "
     """
     cw = None if class_weight == "none" else class_weight
     if model == "logreg":
-        clf = LogisticRegression(C=C, class_weight=cw, max_iter=5000, random_state=random_state)
+        clf = logistic_regression(C, cw, random_state)
     elif model == "svm":
         # Platt scaling via CalibratedClassifierCV (SVC(probability=True) is deprecated).
         clf = CalibratedClassifierCV(SVC(C=C, class_weight=cw, random_state=random_state),
@@ -93,11 +94,14 @@ def pseudo_weights(confidence: np.ndarray, weighting: str, scale: float) -> np.n
 
 def fit_weighted(pipe: Pipeline, X, y, w=None) -> Pipeline:
     pipe = clone(pipe)
+    # float64: scikit-learn keeps float32 embeddings in float32, whose rounding noise
+    # (~1e-7) would sit too close to the snapping grid (triage.canonical)
+    X = np.asarray(X, dtype=np.float64)
     if w is not None and supports_sample_weight(pipe):
         pipe.fit(X, y, clf__sample_weight=w)
     else:
         pipe.fit(X, y)
-    return pipe
+    return canonical_fit(pipe)
 
 
 def fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps) -> Pipeline:
@@ -141,7 +145,9 @@ def positive_proba(model, X, positive: str) -> np.ndarray:
     classes = list(model.classes_)
     if positive not in classes:
         raise PipelineError(f"model was trained without the positive class '{positive}'")
-    return model.predict_proba(X)[:, classes.index(positive)].astype(np.float64)
+    # snapped (triage.canonical): these probabilities are written and set thresholds
+    proba = model.predict_proba(np.asarray(X, dtype=np.float64))
+    return snap_relative(proba[:, classes.index(positive)])
 
 
 def _canonical_skops(data: bytes) -> bytes:

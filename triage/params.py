@@ -99,6 +99,7 @@ SCHEMA: dict[str, Any] = {
         "num_workers": Spec(INT, min=-1),
         "device": Spec(STR, choices=("auto", "cpu", "cuda")),
         "precision": Spec(STR, choices=("fp32", "bf16", "auto")),
+        "kernels": Spec(STR, choices=("canonical", "fast")),
     },
     "cluster": {
         "pca_components": Spec(INT, min=2),

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from .canonical import canonical_fit, canonical_reducer, logistic_regression, snap_relative
 
 PSEUDO_COLUMNS = ["id", "label", "confidence", "strategy"]
 STRATEGIES = ("cluster_vote", "confidence", "self_training", "label_spreading", "consensus")
@@ -139,8 +139,7 @@ def _binary(y_lab, positive: str) -> tuple[np.ndarray, str]:
 
 
 def reducer(n_components: int, seed: int) -> Pipeline:
-    return Pipeline([("scale", StandardScaler()),
-                     ("pca", PCA(n_components=n_components, random_state=seed))])
+    return canonical_reducer(n_components, seed)
 
 
 def fit_space(X_lab, X_pool, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +151,7 @@ def fit_space(X_lab, X_pool, n_components: int, seed: int) -> tuple[np.ndarray, 
 
 
 def _logreg(C: float, seed: int):
-    return LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
+    return logistic_regression(C, "balanced", seed)
 
 
 def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int = 5,
@@ -165,7 +164,7 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
 
     def fit(Z, y, w):
         scale = StandardScaler().fit(Z)
-        clf = _logreg(C, seed).fit(scale.transform(Z), y, sample_weight=w)
+        clf = canonical_fit(_logreg(C, seed).fit(scale.transform(Z), y, sample_weight=w))
         return lambda A: clf.decision_function(scale.transform(A))
 
     def train_set(idx):
@@ -180,16 +179,15 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
     for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(Z_lab, y_lab):
         oof[va] = fit(*train_set(tr))(Z_lab[va])
     # Platt scaling with balanced weights: calibrated under a 50/50 prior.
-    platt = LogisticRegression(C=1e4, class_weight="balanced", max_iter=1000)
-    platt.fit(oof[:, None], y_lab)
+    platt = canonical_fit(logistic_regression(1e4, "balanced").fit(oof[:, None], y_lab))
     if platt.coef_[0, 0] <= 0:
         # Held-out scores do not rise with the true class: the classifier carries no
         # signal here, and a negative slope would turn its ranking upside down. Say so
         # with P = 0.5 everywhere (callers accept nothing from it).
         return np.full(len(Z_pool), 0.5), np.full(len(y_lab), 0.5)
     full = fit(*train_set(np.arange(len(y_lab))))
-    return (platt.predict_proba(full(Z_pool)[:, None])[:, 1],
-            platt.predict_proba(oof[:, None])[:, 1])
+    return (snap_relative(platt.predict_proba(full(Z_pool)[:, None])[:, 1]),
+            snap_relative(platt.predict_proba(oof[:, None])[:, 1]))
 
 
 def pool_prior(Z_lab, y_lab, Z_pool, C: float, seed: int, given: float | None) -> float:
@@ -251,10 +249,11 @@ class ConfidencePseudoLabeler:
     def fit_predict(self, pool_ids, X_pool, X_labeled, labeled_y, allowed=None) -> pd.DataFrame:
         """``allowed`` masks out pool points never to label (HDBSCAN noise), before any
         class balancing so that the balance holds in what is returned."""
-        clf = make_pipeline(StandardScaler(), LogisticRegression(
-            C=self.C, class_weight="balanced", max_iter=5000, random_state=self.random_state))
-        clf.fit(X_labeled, labeled_y)
-        proba = clf.predict_proba(X_pool) if len(X_pool) else np.zeros((0, len(clf.classes_)))
+        clf = make_pipeline(StandardScaler(), logistic_regression(
+            self.C, "balanced", self.random_state))
+        canonical_fit(clf.fit(np.asarray(X_labeled, np.float64), labeled_y))
+        proba = (snap_relative(clf.predict_proba(np.asarray(X_pool, np.float64))) if len(X_pool)
+                 else np.zeros((0, len(clf.classes_))))
         best = proba.argmax(axis=1) if len(proba) else np.zeros(0, int)
         conf = proba.max(axis=1) if len(proba) else np.zeros(0)
         keep = conf >= self.threshold
@@ -353,7 +352,7 @@ class LabelSpreadingPseudoLabeler:
         k = int(min(self.n_neighbors, len(Z) - 1))
         ls = LabelSpreading(kernel="knn", n_neighbors=k, alpha=self.alpha, max_iter=100)
         ls.fit(Z, target)
-        dist = ls.label_distributions_[len(Z_lab):]
+        dist = snap_relative(ls.label_distributions_[len(Z_lab):])
         # Spread mass follows the labelled class ratio: divide by the class counts so the
         # distributions read as P(class) under a 50/50 prior whatever the labelled mix
         # (annotation rounds unbalance it), then re-weight to the pool prior below.

@@ -11,6 +11,7 @@ from html import escape
 import numpy as np
 import pandas as pd
 
+from .canonical import snap
 from .qc_report import CSS, thumbnail_uri
 
 MAX_ERRORS = 60       # error cards shown per kind (FN, FP); the parquet keeps them all
@@ -22,7 +23,9 @@ def nearest_labelled(X_query: np.ndarray, X_labelled: np.ndarray, k: int = N_NEI
     def unit(a):
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
-    sims = unit(X_query.astype(np.float64)) @ unit(X_labelled.astype(np.float64)).T
+    # snapped per row (triage.canonical): a BLAS product; equal similarities must tie
+    # exactly so the stable sort, not rounding noise, orders them
+    sims = snap(unit(X_query.astype(np.float64)) @ unit(X_labelled.astype(np.float64)).T, axis=1)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return order
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+
+from .canonical import canonical_reducer
 
 TO_LABEL_COLUMNS = ["id", "path", "score", "why"]
 
@@ -38,8 +38,7 @@ def uncertainty(p: np.ndarray, kind: str = "margin") -> np.ndarray:
 
 def embed_space(X_fit: np.ndarray, n_components: int, seed: int = 0) -> Pipeline:
     n = int(min(n_components, X_fit.shape[0], X_fit.shape[1]))
-    return Pipeline([("scale", StandardScaler()),
-                     ("pca", PCA(n_components=n, random_state=seed))]).fit(X_fit)
+    return canonical_reducer(n, seed).fit(X_fit)
 
 
 def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,

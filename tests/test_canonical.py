@@ -85,16 +85,19 @@ def test_canonical_fit_snaps_every_member():
         assert _on_grid([member.calibrators[0].a_]) and _on_grid([member.calibrators[0].b_])
 
 
-def test_logistic_regression_reaches_the_optimum():
-    """Newton to gradient 1e-8: the answer does not depend on where the solver started
-    (lbfgs' default tolerance left ~1e-4 differences)."""
+def test_classifiers_fit_float32_embeddings_in_float64():
+    """scikit-learn would solve a float32 problem in float32 (coefficients ±2e-7 across
+    BLAS kernels, out-of-fold probabilities ±2.4e-3 after lbfgs): the model sees float64."""
+    from triage.models import fit_weighted, make_classifier, positive_proba
+
     X, y = _data(d=64)
-    a = logistic_regression(0.1).fit(X.astype(float), y)
-    b = logistic_regression(0.1).set_params(warm_start=True)
-    b.coef_ = np.full((1, 64), 0.3)
-    b.intercept_ = np.array([2.0])
-    b.fit(X.astype(float), y)
-    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-9)
+    labels = np.where(y == 1, "cancer", "normal")
+    model = fit_weighted(make_classifier("logreg"), X, labels)
+    assert model["clf"].coef_.dtype == np.float64 and _on_grid(model["clf"].coef_)
+    same = fit_weighted(make_classifier("logreg"), X.astype(np.float64), labels)
+    np.testing.assert_array_equal(model["clf"].coef_, same["clf"].coef_)
+    p = positive_proba(model, X, "cancer")
+    np.testing.assert_array_equal(p, snap_relative(p))
 
 
 def test_canonical_reducer_is_float64_and_snapped():
@@ -122,6 +125,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("kernels, precision, expected", [
     ("canonical", "fp32", CANONICAL_CPU),
+    ("canonical", "auto", CANONICAL_CPU),      # canonical resolves auto to fp32 everywhere
     ("fast", "fp32", "cpu-onednn-fp32"),
     ("canonical", "bf16", "cpu-onednn-bf16"),  # no canonical bf16 path: said so
 ])
@@ -153,21 +157,22 @@ import hashlib, sys
 import numpy as np
 from PIL import Image
 from triage.embed import Embedder
-tmp, kernels = sys.argv[1], sys.argv[2]
+tmp, kernels, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 paths = []
 for i in range(6):
-    a = (np.random.default_rng(i).random((48, 48)) * 255).astype(np.uint8)
+    a = (np.random.default_rng(i).random((size, size)) * 255).astype(np.uint8)
     paths.append(f"{tmp}/{i}.png"); Image.fromarray(a).save(paths[-1])
-e = Embedder("random", seed=0, image_size=48, batch_size=4, num_workers=0, device="cpu",
+e = Embedder("random", seed=0, image_size=size, batch_size=4, num_workers=0, device="cpu",
              kernels=kernels).fit()
 print(hashlib.sha256(e.transform(paths).tobytes()).hexdigest())
 '''
 
 
-def _embed_hash(tmp_path, kernels, **env):
+def _embed_hash(tmp_path, kernels, size=48, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")}
     full.update(env, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", EMBED_SCRIPT, str(tmp_path), kernels], env=full,
+    res = subprocess.run([sys.executable, "-c", EMBED_SCRIPT, str(tmp_path), kernels, str(size)],
+                         env=full,
                          capture_output=True, text=True, check=True)
     return res.stdout.strip()
 
@@ -181,6 +186,18 @@ def test_canonical_embedding_ignores_the_onednn_isa_and_threads(tmp_path):
     knob = {"ONEDNN_MAX_CPU_ISA": "AVX", "OMP_NUM_THREADS": "1"}
     assert _embed_hash(tmp_path, "canonical", **knob) == _embed_hash(tmp_path, "canonical")
     assert _embed_hash(tmp_path, "fast", **knob) != _embed_hash(tmp_path, "fast")
+
+
+@pytest.mark.parametrize("size", [48, 224])
+def test_onednn_avx2_and_avx512_kernels_give_the_same_bits(tmp_path, size):
+    """What the canonical path rests on: capped at AVX512_CORE, an AVX-512 CPU runs
+    oneDNN's avx512_core kernels and an AVX2 CPU its avx2 kernels; both must give the same
+    vectors. Checked wherever the CPU has both (here: oneDNN limited to AVX2 by the fast
+    path, which honours ONEDNN_MAX_CPU_ISA)."""
+    if "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs an AVX-512 CPU to run both kernel families")
+    assert (_embed_hash(tmp_path, "fast", size, ONEDNN_MAX_CPU_ISA="AVX2")
+            == _embed_hash(tmp_path, "canonical", size))
 
 
 def test_canonical_embedding_refuses_a_process_whose_onednn_is_not_pinned():

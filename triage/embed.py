@@ -23,17 +23,19 @@ from .io import atomic_path, log, sha256_file
 
 EMBED_DIM = 512
 # Numeric paths (the fingerprint's ``kernels``). oneDNN picks its convolution kernels per
-# CPU: its FMA-less AVX/SSE4.1 kernels round differently from the AVX2/AVX-512 ones, and
-# an ISA it may add later could block differently. CANONICAL_CPU pins it to its AVX2 (FMA)
-# kernels, the same instructions on every AVX2 or AVX-512 x86-64 CPU: measured
-# bit-identical to the AVX-512 kernels, under 1, 2 and 16 threads, and whatever the MKL or
-# OpenBLAS settings (tests/test_reproducibility.py). Rejected: NNPACK (torch's choice with
-# oneDNN off) blocks its channel sums by the CPU's L1 size, so a 32 KiB-L1 CPU adds in
-# another order than a 48 KiB one; im2col + MKL SGEMM in MKL's reproducible mode is exact
-# but 7.5x slower. CUDA and bf16 are never bit-identical across devices: they get their
-# own value, so a model refuses vectors made on another numeric path.
-CANONICAL_CPU = "cpu-onednn-avx2"
-CANONICAL_ONEDNN_ISA = "AVX2"
+# CPU, and its FMA-less AVX/SSE4.1 kernels round differently from its AVX2 and AVX-512
+# ones. CANONICAL_CPU caps it at AVX512_CORE: AVX-512 CPUs run its avx512_core kernels,
+# AVX2 CPUs its avx2 kernels, and the two give the same bits for every ResNet18
+# convolution (measured at 64-224 px, batch 4-64, 1-16 threads; asserted on every AVX-512
+# machine by tests/test_canonical.py), whatever the MKL or OpenBLAS settings. Rejected:
+# NNPACK (torch's choice with oneDNN off) sizes its channel blocks by the L1 cache, so a
+# 32 KiB-L1 CPU sums in another order than a 48 KiB one; im2col + MKL SGEMM in MKL's
+# reproducible mode is exact but 7.5x slower; a cap at AVX2 everywhere costs 1.6x on
+# AVX-512 CPUs for the same bits. CUDA and bf16 are never bit-identical across devices:
+# they get their own value, so a model refuses vectors made on another numeric path.
+CANONICAL_CPU = "cpu-onednn-fma"
+CANONICAL_ONEDNN_ISA = "AVX512_CORE"
+FMA_ONEDNN_ISAS = ("AVX2", "AVX512_CORE")  # the kernel families CANONICAL_CPU admits
 KERNELS = ("canonical", "fast")
 # `weights: ssl` = the backbone written by the pretrain stage (triage/pretrain.py).
 SSL_CHECKPOINT = Path("data/pretrain/backbone.pt")
@@ -256,7 +258,7 @@ def resolve_kernels(kernels: str, device: str, precision: str) -> str:
 
 
 def start_onednn(canonical: bool) -> None:
-    """Pin oneDNN's kernels for canonical embeddings, before its first use in the process."""
+    """Cap oneDNN's kernels for canonical embeddings, before its first use in the process."""
     global _onednn_started_with
     if _onednn_started_with is None:
         if canonical:
@@ -267,14 +269,19 @@ def start_onednn(canonical: bool) -> None:
                     "embed.kernels: canonical needs an x86-64 CPU with AVX2 (the kernels that "
                     "define the canonical bits); this CPU has none. Use embed.kernels: fast "
                     "(vectors then depend on the CPU and the fingerprint says so).")
+            # TRIAGE_ONEDNN_ISA=AVX2 runs the other admitted family on an AVX-512 CPU: how
+            # the tests check, on one machine, that an AVX2 CPU gets the same bits
+            isa = os.environ.get("TRIAGE_ONEDNN_ISA", CANONICAL_ONEDNN_ISA).upper()
+            if isa not in FMA_ONEDNN_ISAS:
+                raise PipelineError(f"TRIAGE_ONEDNN_ISA={isa}: canonical embeddings admit "
+                                    f"only {FMA_ONEDNN_ISAS}")
             inherited = os.environ.get("ONEDNN_MAX_CPU_ISA")
-            if inherited and inherited.upper() != CANONICAL_ONEDNN_ISA:
-                log.warning("embed: ONEDNN_MAX_CPU_ISA=%s ignored: canonical embeddings pin "
-                            "oneDNN to %s (embed.kernels: fast honours it)", inherited,
-                            CANONICAL_ONEDNN_ISA)
-            os.environ["ONEDNN_MAX_CPU_ISA"] = CANONICAL_ONEDNN_ISA
+            if inherited and inherited.upper() not in FMA_ONEDNN_ISAS:
+                log.warning("embed: ONEDNN_MAX_CPU_ISA=%s ignored: canonical embeddings cap "
+                            "oneDNN at %s (embed.kernels: fast honours it)", inherited, isa)
+            os.environ["ONEDNN_MAX_CPU_ISA"] = isa
         _onednn_started_with = os.environ.get("ONEDNN_MAX_CPU_ISA", "native").upper()
-    elif canonical and _onednn_started_with != CANONICAL_ONEDNN_ISA:
+    elif canonical and _onednn_started_with not in FMA_ONEDNN_ISAS:
         raise PipelineError(
             f"embed.kernels: canonical: oneDNN already runs with ONEDNN_MAX_CPU_ISA="
             f"{_onednn_started_with} in this process (it is fixed at its first use); embed "
@@ -319,10 +326,12 @@ class Embedder:
         if self.kernels not in KERNELS:
             raise PipelineError(f"embed.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.device_ == "cpu":
-            # before anything asks oneDNN (even bf16 support): its ISA is fixed at first use;
-            # pinned to AVX2, `precision: auto` resolves to fp32 (no native bf16 there)
+            # before anything asks oneDNN (even about bf16): its ISA is fixed at first use
             start_onednn(self.kernels == "canonical" and self.precision != "bf16")
-        self.precision_ = resolve_precision(self.precision, self.device_)
+        if self.device_ == "cpu" and self.kernels == "canonical" and self.precision == "auto":
+            self.precision_ = "fp32"  # canonical is fp32: `auto` would be bf16 on some CPUs only
+        else:
+            self.precision_ = resolve_precision(self.precision, self.device_)
         self.kernels_ = resolve_kernels(self.kernels, self.device_, self.precision_)
         model, info = build_backbone(self.weights, seed=self.seed,
                                      weights_sha256=self.weights_sha256)

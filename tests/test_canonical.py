@@ -214,3 +214,35 @@ def torch_avx2() -> bool:
     import torch
 
     return bool(torch.cpu._is_avx2_supported())
+
+
+def test_canonical_embedding_refuses_kernels_that_miss_the_known_answer():
+    """oneDNN started (by a convolution) before the embedder could cap it, under an
+    FMA-less cap: the self-test catches it instead of writing other bits under the
+    canonical fingerprint."""
+    if not torch_avx2():
+        pytest.skip("needs an AVX2 CPU")
+    script = ("import torch, torch.nn.functional as F\n"
+              "x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)\n"
+              "F.conv2d(x, torch.randn(16, 16, 3, 3))\n"
+              "from triage.embed import Embedder\n"
+              "Embedder('random', image_size=32, device='cpu').fit()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONEDNN_MAX_CPU_ISA": "AVX"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "do not give the canonical bits" in res.stderr
+
+
+def test_known_answer_matches_this_torch():
+    """The table entry for the pinned torch must be what a fresh process computes (else
+    every canonical embedding would be refused after a torch upgrade)."""
+    import torch
+
+    from triage.embed import CANONICAL_KNOWN_ANSWER
+
+    script = ("import triage.embed as e\n"
+              "e.start_onednn(True, check=False)\n"
+              "print(e.kernel_self_test())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert CANONICAL_KNOWN_ANSWER.get(torch.__version__) == res.stdout.strip()

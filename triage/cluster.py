@@ -10,7 +10,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from sklearn.preprocessing import StandardScaler
 
-from .canonical import CanonicalPipeline, canonical_reducer, snap
+from .canonical import CanonicalPipeline, canonical_reducer, snap, snap_relative
 from .errors import PipelineError
 
 
@@ -86,8 +86,7 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
             best = None
             for k in range(lo, hi + 1):
                 labels_k, centers_k = self._fit_k(Z, k)
-                # rounded: a silhouette tie between two k must not be decided by noise
-                s = round(cluster_quality(Z, labels_k, seed=self.random_state)["silhouette"], 9)
+                s = cluster_quality(Z, labels_k, seed=self.random_state)["silhouette"]
                 self.sweep_.append({"k": k, "silhouette": s})
                 if best is None or s > best[0] + 1e-12:
                     best = (s, k, labels_k, centers_k)
@@ -169,11 +168,13 @@ def cluster_quality(Z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
         return {"silhouette": float("nan"), "davies_bouldin": float("nan"),
                 "calinski_harabasz": float("nan")}
     sample = min(len(Z), 5000)
-    return {
-        "silhouette": float(silhouette_score(Z, labels, sample_size=sample, random_state=seed)),
-        "davies_bouldin": float(davies_bouldin_score(Z, labels)),
-        "calinski_harabasz": float(calinski_harabasz_score(Z, labels)),
-    }
+    # snapped (triage.canonical): pairwise distances are BLAS products, and the silhouette
+    # also picks k under `k: auto`
+    scores = [silhouette_score(Z, labels, sample_size=sample, random_state=seed),
+              davies_bouldin_score(Z, labels), calinski_harabasz_score(Z, labels)]
+    silhouette, davies_bouldin, calinski_harabasz = (float(v) for v in snap_relative(scores))
+    return {"silhouette": silhouette, "davies_bouldin": davies_bouldin,
+            "calinski_harabasz": calinski_harabasz}
 
 
 def cluster_purity(clusters: np.ndarray, labels: pd.Series, positive: str) -> pd.DataFrame:

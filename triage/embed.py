@@ -257,8 +257,9 @@ def resolve_kernels(kernels: str, device: str, precision: str) -> str:
     return CANONICAL_CPU
 
 
-def start_onednn(canonical: bool) -> None:
-    """Cap oneDNN's kernels for canonical embeddings, before its first use in the process."""
+def start_onednn(canonical: bool, check: bool = True) -> None:
+    """Cap oneDNN's kernels for canonical embeddings, before its first use in the process,
+    then check them against :data:`CANONICAL_KNOWN_ANSWER`."""
     global _onednn_started_with
     if _onednn_started_with is None:
         if canonical:
@@ -280,12 +281,58 @@ def start_onednn(canonical: bool) -> None:
                 log.warning("embed: ONEDNN_MAX_CPU_ISA=%s ignored: canonical embeddings cap "
                             "oneDNN at %s (embed.kernels: fast honours it)", inherited, isa)
             os.environ["ONEDNN_MAX_CPU_ISA"] = isa
+            if check:
+                check_canonical_kernels()
         _onednn_started_with = os.environ.get("ONEDNN_MAX_CPU_ISA", "native").upper()
     elif canonical and _onednn_started_with not in FMA_ONEDNN_ISAS:
         raise PipelineError(
             f"embed.kernels: canonical: oneDNN already runs with ONEDNN_MAX_CPU_ISA="
             f"{_onednn_started_with} in this process (it is fixed at its first use); embed "
             f"in a new process")
+
+
+# Known answer of the canonical kernels (sha256 prefix of kernel_self_test()'s output) per
+# torch build: a process whose oneDNN was started before the cap, or a CPU whose kernels
+# sum in another order, fails it loudly instead of writing other bits under the same
+# fingerprint. Re-measure when torch's pin changes (`python -c "import triage.embed as e;
+# e.start_onednn(True, check=False); print(e.kernel_self_test())"` in a fresh process).
+CANONICAL_KNOWN_ANSWER = {"2.14.1+cu130": "10d28d40bbb83dda"}
+
+
+def kernel_self_test() -> str:
+    """sha256 prefix of a seeded ResNet18 (fused, channels-last) on a seeded 4x3x64x64
+    batch: every convolution kind the embedder runs, through the kernels oneDNN uses now."""
+    import torch
+    from torchvision.models import resnet18
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = resnet18(weights=None)
+    model.fc = torch.nn.Identity()
+    model = fuse_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    return hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16]
+
+
+def check_canonical_kernels() -> None:
+    """Refuse to embed canonically when oneDNN's kernels here do not give the known bits."""
+    import torch
+
+    expected = CANONICAL_KNOWN_ANSWER.get(torch.__version__)
+    if expected is None:
+        log.warning("embed: no known answer of the canonical kernels for torch %s: their bits "
+                    "are not checked (the pinned torch is in requirements.txt)", torch.__version__)
+        return
+    got = kernel_self_test()
+    if got != expected:
+        raise PipelineError(
+            f"embed.kernels: canonical: oneDNN's kernels in this process do not give the "
+            f"canonical bits (self-test {got}, expected {expected}). Either oneDNN was started "
+            f"before the embedder could cap it (torch ran a convolution earlier in this "
+            f"process: embed in a fresh process) or this CPU's kernels differ (report it, with "
+            f"the CPU model). embed.kernels: fast embeds anyway, with CPU-dependent vectors.")
 
 
 def fingerprint(weights_info: dict, image_size: int, precision: str,

@@ -67,7 +67,9 @@ def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "
         clf = CalibratedClassifierCV(SVC(C=C, class_weight=cw, random_state=random_state),
                                      method="sigmoid", cv=3, ensemble=False)
     elif model == "knn":
-        clf = KNeighborsClassifier(n_neighbors=15, weights="distance")
+        # kd_tree: distances from its own loops; brute force would use a BLAS product,
+        # whose noise could decide a tie for the 15th neighbour (duplicate images)
+        clf = KNeighborsClassifier(n_neighbors=15, weights="distance", algorithm="kd_tree")
     elif model == "random_forest":
         clf = RandomForestClassifier(n_estimators=300, class_weight=cw, min_samples_leaf=2,
                                      random_state=random_state, n_jobs=1)

@@ -39,7 +39,6 @@ from sklearn.preprocessing import StandardScaler
 # pipeline reports (metrics keep 6 decimals of values in [0, 1] only where they are
 # computed from snapped inputs), coarse enough that float noise almost never crosses.
 SNAP_BITS = 16
-VERSION = "snap16-newton-v1"  # recorded in outputs that depend on this scheme
 
 
 def snap(values, bits: int = SNAP_BITS, axis: int | None = None) -> np.ndarray:

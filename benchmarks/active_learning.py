@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from triage.embed import Embedder
+from triage.models import make_classifier
+from triage.select import select_batch
 
-from triage.embed import Embedder  # noqa: E402
-from triage.models import make_classifier  # noqa: E402
-from triage.select import select_batch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = Path("/tmp/triage_al_cache")
 BRAIN = ROOT.parent / "shared" / "datasets" / "brain_mri_4class"

@@ -61,7 +61,8 @@ def row(label: str, m: dict) -> str:
             f"| {fmt_p(m['embedding/pca_ks_min_p_adjusted'])} "
             f"| {fmt_p(m[f'image_stats/{worst}/p_adjusted'])} ({worst}) "
             f"| {m['positive_rate/batch']:.2f} vs {m['positive_rate/reference']:.2f} "
-            f"(p {'= ' if m['positive_rate/p_value'] else ''}{fmt_p(m['positive_rate/p_value'])}{', shifted' if m['prediction_shift'] else ''}) |")
+            f"(p {'= ' if m['positive_rate/p_value'] else ''}{fmt_p(m['positive_rate/p_value'])}"
+            f"{', shifted' if m['prediction_shift'] else ''}) |")
 
 
 def main() -> None:

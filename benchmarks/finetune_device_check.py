@@ -11,17 +11,15 @@ deterministic variant, so small differences are possible there; on CPU they must
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_rows(root: Path, n_lab: int, n_pool: int, n_test: int) -> pd.DataFrame:

@@ -21,26 +21,28 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from semisup_data import SHARED, SPLIT_SEED, _split, brain_mri_unique, pneumonia_pngs
+
+from triage.finetune import (
+    FinetuneConfig,
+    deterministic,
+    load_images,
+    predict_proba,
+    train_model,
+    training_rows,
+)
+from triage.metrics import evaluate_scores, paired_delta
+from triage.models import fit_weighted, make_classifier, positive_proba
+from triage.params import load_params
+from triage.pretrain import PretrainConfig, pretrain_backbone, pretrain_rows
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from semisup_data import (SHARED, SPLIT_SEED, _split, brain_mri_unique,  # noqa: E402
-                          pneumonia_pngs)
-from triage.finetune import (FinetuneConfig, deterministic, load_images,  # noqa: E402
-                             predict_proba, train_model, training_rows)
-from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
-from triage.models import fit_weighted, make_classifier, positive_proba  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.pretrain import PretrainConfig, pretrain_backbone, pretrain_rows  # noqa: E402
 
 POS = "cancer"
 WORK = Path("/tmp/triage_finetune_bench")
@@ -224,11 +226,11 @@ def render(results: dict, metas: dict, params: dict, args, wall: float) -> str:
             sig = ("significantly better" if r["d_lo"] > 0 else
                    "significantly worse" if r["d_hi"] < 0 else "no significant difference")
             parts.append(f"{r['method']}: {sgn(r['d_auc'])} ({sig})")
-        u, l = by["ft_u"], by["ft"]
+        u, lab = by["ft_u"], by["ft"]
         lines.append(f"- **{name}** vs frozen random-init ({by['frozen']['auc']:.3f}): "
                      + "; ".join(parts) + f". Consistency vs labelled-only fine-tuning: "
-                     f"{u['auc']:.3f} vs {l['auc']:.3f} ({sgn(u['auc'] - l['auc'])}), at "
-                     f"{u['seconds'] / max(l['seconds'], 1e-9):.0f}x the cost.")
+                     f"{u['auc']:.3f} vs {lab['auc']:.3f} ({sgn(u['auc'] - lab['auc'])}), at "
+                     f"{u['seconds'] / max(lab['seconds'], 1e-9):.0f}x the cost.")
     lines += ["",
               "Where a row shows no significant gain, there is none at this budget; longer "
               "training (the stage's defaults: 20 epochs, 3-fold OOF) or a GPU may change "

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from triage.qc import inspect_all, resolve_workers
 
-from triage.qc import inspect_all, resolve_workers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ROOT.parent / "shared" / "datasets" / "brain_mri_4class"
 EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}

@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from semisup_data import DATASETS
+
+from triage.cluster import make_clusterer
+from triage.crossval import NEEDS_CLUSTERS, crossval_semisup
+from triage.metrics import evaluate_scores, paired_delta
+from triage.models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
+from triage.params import load_params
+from triage.pseudo import STRATEGIES, pseudo_label_quality, run_strategy
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from semisup_data import DATASETS  # noqa: E402
-from triage.cluster import make_clusterer  # noqa: E402
-from triage.crossval import NEEDS_CLUSTERS, crossval_semisup  # noqa: E402
-from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
-from triage.models import (fit_semi_supervised, fit_weighted, make_classifier,  # noqa: E402
-                           positive_proba, pseudo_weights)
-from triage.params import load_params  # noqa: E402
-from triage.pseudo import STRATEGIES, pseudo_label_quality, run_strategy  # noqa: E402
 
 POS = "cancer"
 

@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.plotting import line_chart  # noqa: E402
+from triage.plotting import line_chart
 
 MODELS = ("baseline", "semi_supervised")
 PLOTS = {  # file stem: (title, x field, y field, x label, y label, diagonal)

@@ -10,14 +10,10 @@ a mismatch stops with a clear error (exit 1). Reads params.yaml (inference.*, em
 qc.*). Prints counts only, never file names.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.inference import Predictor, image_files  # noqa: E402
-from triage.io import run_stage, write_csv  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.inference import Predictor, image_files
+from triage.io import run_stage, write_csv
+from triage.params import load_params
 
 
 def parse(argv=None) -> argparse.Namespace:

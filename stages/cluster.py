@@ -1,17 +1,12 @@
 """Stage `cluster`: scaler → PCA → KMeans | GMM | HDBSCAN fitted on labelled + unlabelled (never test)."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from triage.cluster import (cluster_purity, cluster_quality, make_clusterer,  # noqa: E402
-                            projection_image)
-from triage.embed import read_embeddings  # noqa: E402
-from triage.io import (atomic_path, open_live, run_stage, write_csv, write_json,  # noqa: E402
-                       write_parquet)
-from triage.params import load_params  # noqa: E402
+from triage.cluster import cluster_purity, cluster_quality, make_clusterer, projection_image
+from triage.embed import read_embeddings
+from triage.io import atomic_path, open_live, run_stage, write_csv, write_json, write_parquet
+from triage.params import load_params
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")

@@ -6,17 +6,13 @@ refitted from the fold's training labels + the pool. Logs held-out ROC-AUC of th
 baseline and of the semi-supervised model (mean, 95 % t-interval over folds) and their
 paired delta (Nadeau-Bengio corrected t-interval and p-value) to metrics/crossval.
 """
-import sys
+import math
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import math  # noqa: E402
-
-from triage.crossval import crossval_semisup  # noqa: E402
-from triage.embed import read_embeddings  # noqa: E402
-from triage.io import open_live, read_parquet, run_stage  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.crossval import crossval_semisup
+from triage.embed import read_embeddings
+from triage.io import open_live, read_parquet, run_stage
+from triage.params import load_params
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 TRUTH = Path("data/demo/pool_truth.parquet")  # hidden pool truth (demo): pseudo-label accuracy

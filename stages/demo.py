@@ -4,15 +4,12 @@ With data.source != demo it writes an empty layout, so the DAG is the same for b
 """
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from triage.io import run_stage, sha256_file, write_parquet  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.io import run_stage, sha256_file, write_parquet
+from triage.params import load_params
 
 OUT = Path("data/demo/raw")
 TRUTH = Path("data/demo/pool_truth.parquet")

@@ -12,21 +12,17 @@ Folder names can carry patient identifiers, so the folder path is never printed,
 """
 import argparse
 import hashlib
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from triage.drift import (compare, flat_metrics, image_stats, prevalence_matched,  # noqa: E402
-                          render_html, subsample)
-from triage.embed import read_embeddings  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.inference import Predictor, image_files  # noqa: E402
-from triage.io import atomic_path, open_live, read_parquet, run_stage, write_json  # noqa: E402
-from triage.models import load_model, positive_proba  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.drift import compare, flat_metrics, image_stats, prevalence_matched, render_html, subsample
+from triage.embed import read_embeddings
+from triage.errors import PipelineError
+from triage.inference import Predictor, image_files
+from triage.io import atomic_path, open_live, read_parquet, run_stage, write_json
+from triage.models import load_model, positive_proba
+from triage.params import load_params
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")

@@ -1,14 +1,11 @@
 """Stage `embed`: ResNet18 (no last layer) → data/features/embeddings.parquet (512-d float32)."""
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.embed import Embedder, load_reusable, write_embeddings  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.io import open_live, read_parquet, run_stage, write_json  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.embed import Embedder, load_reusable, write_embeddings
+from triage.errors import PipelineError
+from triage.io import open_live, read_parquet, run_stage, write_json
+from triage.params import load_params
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 OUT = Path("data/features/embeddings.parquet")

@@ -1,21 +1,17 @@
 """Stage `evaluate`: both models on the held-out test set, with CIs, deltas and plots."""
-import sys
+import math
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import math  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from triage.embed import read_embeddings  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.finetune import OUT_DIR as FINETUNE_DIR  # noqa: E402
-from triage.finetune import finetuned_scores, read_finetune_predictions  # noqa: E402
-from triage.io import open_live, run_stage, write_parquet  # noqa: E402
-from triage.metrics import evaluate_scores, paired_delta  # noqa: E402
-from triage.models import load_model, positive_proba  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.embed import read_embeddings
+from triage.errors import PipelineError
+from triage.finetune import OUT_DIR as FINETUNE_DIR
+from triage.finetune import finetuned_scores, read_finetune_predictions
+from triage.io import open_live, run_stage, write_parquet
+from triage.metrics import evaluate_scores, paired_delta
+from triage.models import load_model, positive_proba
+from triage.params import load_params
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 MODELS = Path("data/models")

@@ -4,19 +4,13 @@ on the unlabelled pool), out-of-fold threshold on the labelled set, test probabi
 Off by default (finetune.enabled: false): the stage then only writes
 data/finetune/disabled.json, in milliseconds, so `dvc repro` stays fast and consistent.
 """
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.finetune import (DISABLED_FILE, MODEL_FILE, OUT_DIR, PREDICTIONS_FILE,  # noqa: E402
-                             SUMMARY_FILE)
-from triage.embed import check_weights_dependency  # noqa: E402
-from triage.io import (open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
-                       write_json)
-from triage.io import write_parquet  # noqa: E402
-from triage.params import load_params  # noqa: E402
+from triage.embed import check_weights_dependency
+from triage.finetune import DISABLED_FILE, MODEL_FILE, OUT_DIR, PREDICTIONS_FILE, SUMMARY_FILE
+from triage.io import open_live, read_parquet, reset_dir, run_stage, write_json, write_parquet
+from triage.params import load_params
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 

@@ -1,12 +1,9 @@
 """Stage `prepare`: scan the input folder layout into data/prepared/manifest.parquet."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.io import open_live, run_stage, write_parquet  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.prepare import MANIFEST_SCHEMA, build_manifest  # noqa: E402
+from triage.io import open_live, run_stage, write_parquet
+from triage.params import load_params
+from triage.prepare import MANIFEST_SCHEMA, build_manifest
 
 OUT = Path("data/prepared/manifest.parquet")
 DEMO_ROOT = "data/demo/raw"

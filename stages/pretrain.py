@@ -4,18 +4,14 @@ test) → data/pretrain/backbone.pt, loaded by `embed.weights: ssl` / `finetune.
 Off by default (pretrain.enabled: false): the stage then only writes
 data/pretrain/disabled.json, and `weights: ssl` stops with a message saying to enable it.
 """
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.embed import check_weights_dependency  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.io import (open_live, read_parquet, reset_dir, run_stage,  # noqa: E402
-                       write_json)
-from triage.params import load_params  # noqa: E402
-from triage.pretrain import CHECKPOINT_FILE, DISABLED_FILE, OUT_DIR  # noqa: E402
+from triage.embed import check_weights_dependency
+from triage.errors import PipelineError
+from triage.io import open_live, read_parquet, reset_dir, run_stage, write_json
+from triage.params import load_params
+from triage.pretrain import CHECKPOINT_FILE, DISABLED_FILE, OUT_DIR
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 

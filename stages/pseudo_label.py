@@ -1,14 +1,14 @@
-"""Stage `pseudo_label`: label part of the pool → data/pseudo/pseudo_labels.parquet (id, label, confidence, strategy)."""
-import sys
+"""Stage `pseudo_label`: label part of the pool.
+
+Writes data/pseudo/pseudo_labels.parquet (id, label, confidence, strategy).
+"""
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.embed import read_embeddings  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.io import open_live, read_parquet, run_stage, write_parquet  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.pseudo import pseudo_label_quality, run_strategy  # noqa: E402
+from triage.embed import read_embeddings
+from triage.errors import PipelineError
+from triage.io import open_live, read_parquet, run_stage, write_parquet
+from triage.params import load_params
+from triage.pseudo import pseudo_label_quality, run_strategy
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")

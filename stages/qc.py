@@ -4,15 +4,12 @@ reports/qc.html (data-quality dashboard) and metrics/qc/metrics.json.
 Logs counts only: image paths belong in the CSV and the HTML, not in logs.
 """
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.io import open_live, read_parquet, run_stage, write_csv, write_parquet  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.qc import run_qc  # noqa: E402
-from triage.qc_report import write_html  # noqa: E402
+from triage.io import open_live, read_parquet, run_stage, write_csv, write_parquet
+from triage.params import load_params
+from triage.qc import run_qc
+from triage.qc_report import write_html
 
 MANIFEST = Path("data/prepared/manifest.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")

@@ -1,14 +1,11 @@
 """Stage `report`: error analysis page and model card, regenerated every run."""
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from triage.embed import read_embeddings  # noqa: E402
-from triage.io import atomic_path, read_parquet, run_stage  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.report import error_table, render_errors_html, render_model_card  # noqa: E402
+from triage.embed import read_embeddings
+from triage.io import atomic_path, read_parquet, run_stage
+from triage.params import load_params
+from triage.report import error_table, render_errors_html, render_model_card
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")

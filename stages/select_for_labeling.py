@@ -7,20 +7,16 @@ Uncertainty of the semi-supervised model × diversity in embedding space (select
 radiologists' labels come back as <data.root>/annotations.csv (path or id, label); the
 prepare stage merges them into the labelled set and `dvc repro` retrains.
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from triage.embed import read_embeddings  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.io import open_live, read_parquet, run_stage, write_csv  # noqa: E402
-from triage.models import load_model, positive_proba  # noqa: E402
-from triage.params import load_params  # noqa: E402
-from triage.select import (batch_stats, embed_space, select_batch, to_label_table,  # noqa: E402
-                           uncertainty)
+from triage.embed import read_embeddings
+from triage.errors import PipelineError
+from triage.io import open_live, read_parquet, run_stage, write_csv
+from triage.models import load_model, positive_proba
+from triage.params import load_params
+from triage.select import batch_stats, embed_space, select_batch, to_label_table, uncertainty
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 MODEL = Path("data/models/semi_supervised.skops")

@@ -4,21 +4,24 @@ Each model's operating threshold is set on out-of-fold scores of the labelled se
 evaluate.target_sensitivity, so the test set never influences it (and, for the
 semi-supervised model, the pseudo-labels of each fold come from its training labels only).
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from triage.crossval import fold_pseudo_labels  # noqa: E402
-from triage.embed import read_embeddings  # noqa: E402
-from triage.io import open_live, read_parquet, run_stage, write_parquet  # noqa: E402
-from triage.metrics import point_metrics, threshold_for_sensitivity  # noqa: E402
-from triage.models import (fit_semi_supervised, fit_weighted, make_classifier,  # noqa: E402
-                           out_of_fold_proba, pseudo_weights, save_model)
-from triage.params import load_params  # noqa: E402
+from triage.crossval import fold_pseudo_labels
+from triage.embed import read_embeddings
+from triage.io import open_live, read_parquet, run_stage, write_parquet
+from triage.metrics import point_metrics, threshold_for_sensitivity
+from triage.models import (
+    fit_semi_supervised,
+    fit_weighted,
+    make_classifier,
+    out_of_fold_proba,
+    pseudo_weights,
+    save_model,
+)
+from triage.params import load_params
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 PSEUDO = Path("data/pseudo/pseudo_labels.parquet")

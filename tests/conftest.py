@@ -1,13 +1,10 @@
 """Shared fixtures. Tests import the ``triage`` package from the repo root."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # DVC / DVCLive isolation for every test process (see tests/test_pipeline.py for repos).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -15,6 +15,7 @@ with warnings.catch_warnings():  # starlette: "httpx with the test client is dep
     from fastapi.testclient import TestClient
 
 from test_inference import blob_image, train_tiny_model, write_params
+
 from triage.api import create_app
 from triage.inference import FingerprintMismatch
 from triage.models import positive_proba

@@ -3,12 +3,26 @@
 The cross-CPU proof is tests/test_reproducibility.py (whole pipeline under other BLAS,
 oneDNN, MKL, NumPy kernels and thread counts); these pin the properties it relies on.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
 
-from triage.canonical import (SNAP_BITS, canonical_fit, canonical_reducer, logistic_regression,
-                              snap, snap_relative)
+from triage.canonical import (
+    SNAP_BITS,
+    canonical_fit,
+    canonical_reducer,
+    logistic_regression,
+    snap,
+    snap_relative,
+)
+from triage.embed import CANONICAL_CPU, Embedder
+from triage.errors import PipelineError
+from triage.inference import embedder_kwargs
 
 
 def _quantum(x):
@@ -111,15 +125,6 @@ def test_canonical_reducer_is_float64_and_snapped():
 
 
 # --------------------------------------------------------------------------- embedding paths
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from triage.embed import CANONICAL_CPU, Embedder  # noqa: E402
-from triage.errors import PipelineError  # noqa: E402
-from triage.inference import embedder_kwargs  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -5,13 +5,22 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from triage.cluster import (PoolClusterer, cluster_purity, cluster_quality, make_clusterer,
-                            projection_image)
+from triage.cluster import PoolClusterer, cluster_purity, cluster_quality, make_clusterer, projection_image
 from triage.errors import PipelineError
-from triage.pseudo import (PSEUDO_COLUMNS, ClusterVotePseudoLabeler, ConfidencePseudoLabeler,
-                           LabelSpreadingPseudoLabeler, SelfTrainingPseudoLabeler,
-                           adjust_to_prior, class_quotas, consensus, estimate_prior,
-                           pseudo_label_quality, run_strategy, select_with_quotas)
+from triage.pseudo import (
+    PSEUDO_COLUMNS,
+    ClusterVotePseudoLabeler,
+    ConfidencePseudoLabeler,
+    LabelSpreadingPseudoLabeler,
+    SelfTrainingPseudoLabeler,
+    adjust_to_prior,
+    class_quotas,
+    consensus,
+    estimate_prior,
+    pseudo_label_quality,
+    run_strategy,
+    select_with_quotas,
+)
 
 CENTRES = np.array([[0.0] * 8, [12.0] * 8, [-12.0, 12.0] * 4, [12.0, -12.0] * 4])
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from triage.demo import generate_demo
-from triage.drift import compare, flat_metrics, image_stats, render_html, rbf_mmd_test
+from triage.drift import compare, flat_metrics, image_stats, rbf_mmd_test, render_html
 from triage.embed import Embedder
 from triage.models import make_classifier
 
@@ -180,7 +180,6 @@ def test_drift_stage_never_prints_logs_or_reports_the_batch_folder_path(tmp_path
     import sys
 
     import pandas as pd
-
     from test_inference import blob_image, train_tiny_model, write_params
 
     tiny = train_tiny_model(tmp_path / "model")

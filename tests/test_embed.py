@@ -10,8 +10,16 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18, resnet34
 
-from triage.embed import (EMBED_DIM, Embedder, build_backbone, imagenet_weights_file,
-                          load_checkpoint, load_reusable, read_embeddings, write_embeddings)
+from triage.embed import (
+    EMBED_DIM,
+    Embedder,
+    build_backbone,
+    imagenet_weights_file,
+    load_checkpoint,
+    load_reusable,
+    read_embeddings,
+    write_embeddings,
+)
 from triage.errors import WeightsError
 
 
@@ -242,8 +250,7 @@ def test_fingerprint_change_or_corrupt_store_recomputes(tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, time
-sys.path.insert(0, {root!r})
+import time
 import pandas as pd
 from triage.embed import Embedder, write_embeddings
 rows = pd.read_parquet({rows!r})

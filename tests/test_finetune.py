@@ -20,9 +20,16 @@ from PIL import Image
 from triage import augment
 from triage.embed import Embedder, build_backbone
 from triage.errors import PipelineError, WeightsError
-from triage.finetune import (FinetuneConfig, align_distribution, consistency_loss,
-                             finetuned_scores, load_finetuned, pseudo_label,
-                             read_finetune_predictions, run_finetune)
+from triage.finetune import (
+    FinetuneConfig,
+    align_distribution,
+    consistency_loss,
+    finetuned_scores,
+    load_finetuned,
+    pseudo_label,
+    read_finetune_predictions,
+    run_finetune,
+)
 from triage.pretrain import PretrainConfig, nt_xent, pretrain_rows, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,10 +325,11 @@ def test_finetuned_scores_threshold_from_oof_and_aligned_to_test_ids():
 
 def _evaluate_workspace(tmp: Path) -> Path:
     """Embeddings + both skops models, as the train stage leaves them."""
-    from triage.embed import EMBEDDING_SCHEMA
-    from triage.models import fit_weighted, make_classifier, save_model
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from triage.embed import EMBEDDING_SCHEMA
+    from triage.models import fit_weighted, make_classifier, save_model
 
     ws = _workspace(tmp, {"evaluate.n_bootstrap": 50})
     rng = np.random.default_rng(0)

@@ -8,16 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefactory as F
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
-import imagefactory as F
 from triage.embed import Embedder
-from triage.inference import (PREDICTION_COLUMNS, FingerprintMismatch, Predictor, build_embedder,
-                              model_version, qc_image)
+from triage.inference import (
+    PREDICTION_COLUMNS,
+    FingerprintMismatch,
+    Predictor,
+    build_embedder,
+    model_version,
+    qc_image,
+)
 from triage.models import make_classifier, positive_proba, save_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,12 +5,29 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss,
-                             f1_score, precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
-from triage.metrics import (BOOTSTRAP, METRICS, WILSON, ece_score, evaluate_scores,
-                            fast_average_precision, fast_roc_auc, paired_delta,
-                            point_metrics, threshold_for_sensitivity, wilson_interval)
+from triage.metrics import (
+    BOOTSTRAP,
+    METRICS,
+    WILSON,
+    ece_score,
+    evaluate_scores,
+    fast_average_precision,
+    fast_roc_auc,
+    paired_delta,
+    point_metrics,
+    threshold_for_sensitivity,
+    wilson_interval,
+)
 
 
 def _data(seed, n=200, prevalence=0.3, signal=1.5, decimals=None):

@@ -11,8 +11,16 @@ from sklearn.preprocessing import StandardScaler
 
 from triage.cluster import PoolClusterer
 from triage.errors import PipelineError
-from triage.models import (fit_semi_supervised, fit_weighted, load_model, make_classifier,
-                           out_of_fold_proba, positive_proba, pseudo_weights, save_model)
+from triage.models import (
+    fit_semi_supervised,
+    fit_weighted,
+    load_model,
+    make_classifier,
+    out_of_fold_proba,
+    positive_proba,
+    pseudo_weights,
+    save_model,
+)
 
 MODELS = ["logreg", "svm", "knn", "random_forest"]
 

@@ -3,11 +3,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import imagefactory as F
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import imagefactory as F
 from triage.errors import DataError
 from triage.io import write_parquet
 from triage.prepare import MANIFEST_SCHEMA, build_manifest

@@ -5,12 +5,12 @@ import os
 import shutil
 from pathlib import Path
 
+import imagefactory as F
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-import imagefactory as F
 from triage.errors import DataError
 from triage.io import write_csv
 from triage.prepare import build_manifest

@@ -6,7 +6,6 @@ reported in docs/qc.md; DUPLICATES.txt / PROVENANCE.md of each dataset are the
 independent reference.
 """
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -9,13 +9,13 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
-from browser import dump_dom, needs_chromium
-import yaml
-from PIL import Image
-
 import imagefactory as F
+import pytest
+import yaml
+from browser import dump_dom, needs_chromium
+from PIL import Image
 from test_qc import QC, _copy, write_smooth, write_upscaled_copy
+
 from triage.io import write_parquet
 from triage.prepare import build_manifest
 from triage.qc import run_qc

@@ -4,8 +4,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from browser import dump_dom, needs_chromium
 import yaml
+from browser import dump_dom, needs_chromium
 from PIL import Image
 
 from triage.report import error_table, nearest_labelled, render_errors_html, render_model_card

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_pipeline import _env, make_repo, run  # make_repo applies test_pipeline.TINY params
 
 # Every variable a knob may set: removed from the "plain" environment, so a developer's own

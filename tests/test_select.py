@@ -8,19 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefactory as F
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import imagefactory as F
 from triage.embed import EMBED_DIM, EMBEDDING_SCHEMA
 from triage.errors import DataError
 from triage.models import make_classifier, save_model
 from triage.prepare import build_manifest
-from triage.select import (TO_LABEL_COLUMNS, cluster_round_robin, kcenter_greedy, select_batch,
-                           to_label_table, uncertainty)
+from triage.select import (
+    TO_LABEL_COLUMNS,
+    cluster_round_robin,
+    kcenter_greedy,
+    select_batch,
+    to_label_table,
+    uncertainty,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

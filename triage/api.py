@@ -8,9 +8,10 @@ Start it from the repository root (reads params.yaml and the model of inference.
 fields (id, path = null, probability, decision, needs_review, qc_status, qc_detail).
 Empty, oversized (inference.max_upload_mb) or undecodable uploads get a 4xx with a clear
 message; the size limit is enforced while the body is received (declared Content-Length or
-not, e.g. a chunked upload), so an oversized body is never read or spooled past the limit. An image that decodes but fails QC (blank, too small...) is answered 200 with its
-qc_status and no probability. Nothing logs file names or image bytes: the upload is
-written to a private temporary folder under a fixed name and deleted after the request.
+not, e.g. a chunked upload), so an oversized body is never read or spooled past the limit.
+An image that decodes but fails QC (blank, too small...) is answered 200 with its qc_status
+and no probability. Nothing logs file names or image bytes: the upload is written to a
+private temporary folder under a fixed name and deleted after the request.
 
 Decision support for triage only, not a diagnosis.
 """

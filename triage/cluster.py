@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClusterMixin
@@ -12,6 +14,9 @@ from sklearn.preprocessing import StandardScaler
 
 from .canonical import CanonicalPipeline, canonical_reducer, snap, snap_relative
 from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class PoolClusterer(ClusterMixin, BaseEstimator):
@@ -122,7 +127,7 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
                 "centers": self.centers_.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PoolClusterer":
+    def from_dict(cls, d: dict) -> PoolClusterer:
         """Rebuild a fitted clusterer whose transform/predict equal the saved one's."""
         params = dict(d["params"])
         params["k_range"] = tuple(params.get("k_range", (2, 12)))
@@ -202,7 +207,7 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def projection_image(Z2: np.ndarray, clusters: np.ndarray, labels: pd.Series, positive: str,
-                     size: int = 360) -> "Image.Image":
+                     size: int = 360) -> Image.Image:
     """Two side-by-side 2-D scatters (PCA components 1-2) drawn with Pillow: left coloured
     by cluster (noise grey), right by known label (pool grey, positive red, other blue,
     labelled points drawn larger). Deterministic bytes for the same inputs."""

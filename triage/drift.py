@@ -26,10 +26,12 @@ from html import escape
 
 import numpy as np
 from scipy.stats import fisher_exact, ks_2samp
+
 from .canonical import canonical_reducer, snap, snap_relative
 from .errors import PipelineError
 from .images import load_grey
-from .qc_report import CSS as BASE_CSS, thumbnail_uri
+from .qc_report import CSS as BASE_CSS
+from .qc_report import thumbnail_uri
 
 STAT_NAMES = ("mean_intensity", "contrast", "sharpness")
 

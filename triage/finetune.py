@@ -27,9 +27,9 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,7 @@ class FinetuneConfig:
     device: str = "auto"
 
     @classmethod
-    def from_params(cls, section: dict) -> "FinetuneConfig":
+    def from_params(cls, section: dict) -> FinetuneConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in section.items() if k in names})
 

@@ -189,7 +189,7 @@ class Predictor:
     @classmethod
     def from_files(cls, model_path: str | Path, params: dict,
                    embeddings_path: str | Path | None = "data/features/embeddings.parquet",
-                   **embed_overrides) -> "Predictor":
+                   **embed_overrides) -> Predictor:
         from .models import load_model
 
         bundle = load_model(model_path)

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import norm
-from sklearn.metrics import (average_precision_score, brier_score_loss, f1_score,
-                             roc_auc_score)
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
 METRICS = ("roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity", "ppv", "npv",
            "fn", "threshold", "brier", "ece")

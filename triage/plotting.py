@@ -13,7 +13,7 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str
                dashed: set[str] | None = None, diagonal: bool = False) -> Image.Image:
     """Plot named (x, y) series on [0, 1]² axes; names in ``dashed`` are drawn dashed."""
     w, h = size
-    left, right, top, bottom = 56, 16, 34, 60 + 16 * ((len(series) + 1) // 2)
+    left, right, top = 56, 16, 34
     img = Image.new("RGB", (w, h + 16 * ((len(series) + 1) // 2)), "white")
     d = ImageDraw.Draw(img)
     pw, ph = w - left - right, h - top - 60

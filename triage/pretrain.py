@@ -11,9 +11,9 @@ and finetune stages through the same safe loader as any weights file.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -41,7 +41,7 @@ class PretrainConfig:
     device: str = "auto"
 
     @classmethod
-    def from_params(cls, section: dict) -> "PretrainConfig":
+    def from_params(cls, section: dict) -> PretrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in section.items() if k in names})
 

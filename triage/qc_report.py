@@ -269,7 +269,8 @@ def render_html(report: QCReport, *, max_thumbs: int = MAX_THUMBS, max_groups: i
     h.append('<h2 id="shift">Distribution shift between splits</h2>')
     h.append(_table(["splits", "statistic of", "KS D", "p-value"], srows, numeric_from=2)
              if srows else "<p>Too few images per split.</p>")
-    h.append(f'<p class="muted">{th.shown} thumbnails embedded (at most {max_thumbs} per section, {max_groups} groups of {MAX_GROUP_MEMBERS}).</p>')
+    h.append(f'<p class="muted">{th.shown} thumbnails embedded (at most {max_thumbs} per section, '
+             f'{max_groups} groups of {MAX_GROUP_MEMBERS}).</p>')
     h.append("</body></html>\n")
     return "\n".join(h)
 

@@ -29,18 +29,12 @@ import numpy as np
 import pandas as pd
 from semisup_data import SHARED, SPLIT_SEED, _split, brain_mri_unique, pneumonia_pngs
 
-from triage.finetune import (
-    FinetuneConfig,
-    deterministic,
-    load_images,
-    predict_proba,
-    train_model,
-    training_rows,
-)
+from triage.finetune import FinetuneConfig, predict_proba, train_model, training_rows
 from triage.metrics import evaluate_scores, paired_delta
 from triage.models import fit_weighted, make_classifier, positive_proba
 from triage.params import load_params
 from triage.pretrain import PretrainConfig, pretrain_backbone, pretrain_rows
+from triage.torch_utils import deterministic, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

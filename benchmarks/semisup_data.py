@@ -149,7 +149,7 @@ def demo(path: Path = ROOT / "data" / "features" / "embeddings.parquet",
          truth: Path = ROOT / "data" / "demo" / "pool_truth.parquet"):
     """The pipeline's own demo embeddings (run `dvc repro embed` first); pool truth from the
     demo's hidden-truth file."""
-    from triage.embed import read_embeddings
+    from triage.store import read_embeddings
 
     rows, X, _ = read_embeddings(path)
     rows = rows[["id", "split", "label"]].copy()

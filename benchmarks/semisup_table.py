@@ -28,11 +28,11 @@ import pandas as pd
 from semisup_data import DATASETS
 
 from triage.cluster import make_clusterer
-from triage.crossval import NEEDS_CLUSTERS, crossval_semisup
+from triage.crossval import crossval_semisup
 from triage.metrics import evaluate_scores, paired_delta
 from triage.models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
 from triage.params import load_params
-from triage.pseudo import STRATEGIES, pseudo_label_quality, run_strategy
+from triage.pseudo import LABELLERS, STRATEGIES, pseudo_label_quality, run_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +66,11 @@ def run_dataset(name: str, params: dict, strategies, n_boot: int) -> tuple[list[
         p = {**p0, "strategy": strategy}
         params_s = {**params, "pseudo": p}
         pool_cl = lab_cl = None
-        if strategy in NEEDS_CLUSTERS:
+        if LABELLERS[strategy].uses_clusters:
             if clusters is None:
                 clusters = make_clusterer(params["cluster"]).fit(np.concatenate([X_lab, X[pool]]))
             lab_cl, pool_cl = clusters.labels_[: len(X_lab)], clusters.labels_[len(X_lab):]
-        ps = run_strategy(p, POS, ids_pool, X[pool], X_lab, y_lab, t["seed"], pool_cl, lab_cl,
-                          t["pseudo_weight_scale"])
+        ps = run_strategy(p, POS, ids_pool, X[pool], X_lab, y_lab, pool_cl, lab_cl)
         X_ps = X[index.loc[ps["id"]].to_numpy()] if len(ps) else X[:0]
         w = pseudo_weights(ps["confidence"].to_numpy(), t["pseudo_weighting"],
                            t["pseudo_weight_scale"])
@@ -80,8 +79,8 @@ def run_dataset(name: str, params: dict, strategies, n_boot: int) -> tuple[list[
         m = evaluate_scores(y_test, p_semi, 0.5, **kw)
         d = paired_delta(y_test, p_base, p_semi, 0.5, 0.5, **kw)
         q = pseudo_label_quality(ps, truth, ["cancer", "normal"])
-        _, cv = crossval_semisup(rows, X, params_s, POS, p["cv_folds"], p["cv_repeats"],
-                                 t["seed"], 0.95)
+        c = params["crossval"]
+        _, cv = crossval_semisup(rows, X, params_s, POS, c["folds"], c["repeats"], c["seed"], 0.95)
         out.append({
             "dataset": name, "method": strategy + (" (default)" if strategy == p0["strategy"] else ""),
             "test_auc": m["roc_auc"], "test_lo": m["roc_auc_ci_low"], "test_hi": m["roc_auc_ci_high"],
@@ -127,7 +126,7 @@ def verdict(r: dict) -> str:
 
 
 def render(results: list[dict], metas: dict, params: dict, wall: float) -> str:
-    p, t = params["pseudo"], params["train"]
+    p, t, c = params["pseudo"], params["train"], params["crossval"]
     lines = [
         "# Semi-supervised results: baseline vs each pseudo-labelling strategy",
         "",
@@ -136,7 +135,8 @@ def render(results: list[dict], metas: dict, params: dict, wall: float) -> str:
         "pipeline (no pretrained weights); what matters here is the *difference* that the "
         "unlabelled pool makes. All settings are the repository's `params.yaml` "
         f"(`train.model={t['model']}`, `train.C={t['C']}`, `train.pseudo_weight_scale="
-        f"{t['pseudo_weight_scale']}`, `pseudo.max_fraction={p['max_fraction']}`, "
+        f"{t['pseudo_weight_scale']}`, `pseudo.round_weight={p['round_weight']}`, "
+        f"`pseudo.max_fraction={p['max_fraction']}`, "
         f"`pseudo.rounds={p['rounds']}`, `pseudo.pca_components={p['pca_components']}`, "
         f"`pseudo.C={p['C']}`, `pseudo.class_prior={p['class_prior']}` (estimated)); only "
         "`pseudo.strategy` varies.",
@@ -146,7 +146,7 @@ def render(results: list[dict], metas: dict, params: dict, wall: float) -> str:
         "(`triage.metrics`, 1,000 resamples).",
         "- **test Δ [CI]**: paired bootstrap difference semi-supervised − baseline on the same test images.",
         f"- **CV Δ [CI]**: leak-free repeated stratified K-fold on the 100 labelled images "
-        f"({p['cv_folds']} folds × {p['cv_repeats']} repeats; in each fold the held-out labels "
+        f"({c['folds']} folds × {c['repeats']} repeats; in each fold the held-out labels "
         "*and images* are removed, and the clusterer, pseudo-labeller and both classifiers are "
         "refitted); mean per-fold ΔROC-AUC with the Nadeau-Bengio corrected 95 % t-interval. "
         "Each held-out fold has only 20 images, so this interval is wide.",

@@ -4,9 +4,9 @@ from pathlib import Path
 import pandas as pd
 
 from triage.cluster import cluster_purity, cluster_quality, make_clusterer, projection_image
-from triage.embed import read_embeddings
 from triage.io import atomic_path, open_live, run_stage, write_csv, write_json, write_parquet
 from triage.params import load_params
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
@@ -18,7 +18,7 @@ PROJECTION = Path("reports/cluster_projection.png")
 def main() -> None:
     params = load_params()
     c, positive = params["cluster"], params["data"]["positive_class"]
-    rows, X, fp = read_embeddings(EMBEDDINGS)
+    rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     pool = rows["split"].isin(["labeled", "unlabeled"]).to_numpy()
     model = make_clusterer(c).fit(X[pool])
     # Pool points keep their fitted cluster (HDBSCAN noise stays -1); test points are
@@ -35,7 +35,7 @@ def main() -> None:
 
     write_parquet(assignments, ASSIGNMENTS)
     write_csv(purity, CLUSTERS)
-    write_json({**model.to_dict(), "embedding_fingerprint": fp.get("fingerprint", "")}, MODEL)
+    write_json({**model.to_dict(), "embedding_fingerprint": fingerprint.get("fingerprint", "")}, MODEL)
     with open_live("cluster") as live:
         for key, value in quality.items():
             if pd.notna(value):

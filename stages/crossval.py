@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 
 from triage.crossval import crossval_semisup
-from triage.embed import read_embeddings
 from triage.io import open_live, read_parquet, run_stage
 from triage.params import load_params
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 TRUTH = Path("data/demo/pool_truth.parquet")  # hidden pool truth (demo): pseudo-label accuracy
@@ -23,8 +23,9 @@ def main() -> None:
     p, positive = params["pseudo"], params["data"]["positive_class"]
     rows, X, _ = read_embeddings(EMBEDDINGS)
     truth = read_parquet(TRUTH, "pool truth")
-    per_fold, s = crossval_semisup(rows, X, params, positive, p["cv_folds"], p["cv_repeats"],
-                                   params["train"]["seed"], params["evaluate"]["ci_level"],
+    cv = params["crossval"]
+    per_fold, s = crossval_semisup(rows, X, params, positive, cv["folds"], cv["repeats"],
+                                   cv["seed"], params["evaluate"]["ci_level"],
                                    truth=truth if len(truth) else None)
     with open_live("crossval") as live:
         for model in ("baseline", "semi_supervised", "delta"):

@@ -4,7 +4,7 @@ The batch is the test split (drift.batch: "") or a folder of new images (drift.b
 path), which is QC'd and embedded with the model's exact embedding fingerprint. Ad hoc,
 outside DVC (nothing tracked is written):
 
-    python stages/drift.py --batch path/to/folder --report /tmp/drift.html --metrics /tmp/drift.json
+    python -m stages.drift --batch path/to/folder --report /tmp/drift.html --metrics /tmp/drift.json
 
 Folder names can carry patient identifiers, so the folder path is never printed, logged
 (DVCLive param) or put in the report: a folder batch is named by :func:`batch_label`
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from triage.drift import compare, flat_metrics, image_stats, prevalence_matched, render_html, subsample
-from triage.embed import read_embeddings
 from triage.errors import PipelineError
 from triage.inference import Predictor, image_files
 from triage.io import atomic_path, open_live, read_parquet, run_stage, write_json
 from triage.models import load_model, positive_proba
 from triage.params import load_params
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")
@@ -52,13 +52,13 @@ def main(argv=None) -> None:
     params = load_params()
     d, positive = params["drift"], params["data"]["positive_class"]
     batch = d["batch"] if args.batch is None else args.batch
-    rows, X, fp = read_embeddings(EMBEDDINGS)
+    rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     clean = read_parquet(CLEAN, "clean manifest").drop_duplicates("id")
     rows = rows.merge(clean[["id", "path"]], on="id", how="left", validate="many_to_one")
     model_path = params["inference"]["model"]
     rng = np.random.default_rng(d["seed"])
     pool = np.flatnonzero(rows["split"].isin(["labeled", "unlabeled"]).to_numpy())
-    size = int(fp.get("image_size", params["embed"]["image_size"]))
+    size = int(fingerprint.get("image_size", params["embed"]["image_size"]))
     extra, n_files, n_failed = {}, None, 0
     if batch:
         predictor = Predictor.from_files(model_path, params, embeddings_path=EMBEDDINGS)
@@ -67,7 +67,8 @@ def main(argv=None) -> None:
             raise PipelineError("drift.batch: the batch folder does not exist or is not a folder "
                                 "(check drift.batch / --batch)")
         files = image_files(batch)
-        df, X_ok, ok, _ = predictor.predict_paths([str(f) for f in files], return_vectors=True)
+        df, X_ok = predictor.predict_paths_with_vectors([str(f) for f in files])
+        ok = (df["qc_status"] == "ok").to_numpy()
         n_files, n_failed = len(files), int((~ok).sum())
         name = batch_label(n_files, df["id"])  # never the folder path: it may identify a patient
         if ok.sum() < 5:
@@ -81,9 +82,9 @@ def main(argv=None) -> None:
         extra = {"n_files": n_files, "qc_failed": n_failed}
     else:
         bundle = load_model(model_path)
-        if bundle["embedding_fingerprint"] != fp.get("fingerprint", ""):
+        if bundle["embedding_fingerprint"] != fingerprint.get("fingerprint", ""):
             raise PipelineError(f"model was trained on embedding {bundle['embedding_fingerprint']}, "
-                                f"vectors are {fp.get('fingerprint')}: run `dvc repro`")
+                                f"vectors are {fingerprint.get('fingerprint')}: run `dvc repro`")
         test = np.flatnonzero((rows["split"] == "test").to_numpy())
         if len(test) < 5:
             raise PipelineError("drift: fewer than 5 test images to compare (set drift.batch)")

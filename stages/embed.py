@@ -2,10 +2,11 @@
 import time
 from pathlib import Path
 
-from triage.embed import Embedder, load_reusable, write_embeddings
-from triage.errors import PipelineError
+from triage.backbone import check_weights_dependency
+from triage.embed import Embedder
 from triage.io import open_live, read_parquet, run_stage, write_json
 from triage.params import load_params
+from triage.store import load_reusable, write_embeddings
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 OUT = Path("data/features/embeddings.parquet")
@@ -16,14 +17,9 @@ WEIGHTS_DIR = Path("data/weights")
 def main() -> None:
     e = load_params()["embed"]
     rows = read_parquet(CLEAN, "clean manifest")
-    if e["weights"] not in ("random", "imagenet", "ssl"):  # ssl: data/pretrain (a dep)
-        # Only files under data/weights/ are a declared dependency of this stage: a file
-        # elsewhere could change without DVC re-running the embedding.
-        weights = Path(e["weights"]).resolve()
-        if WEIGHTS_DIR.resolve() not in weights.parents:
-            raise PipelineError(f"embed.weights: put the weights file under {WEIGHTS_DIR}/ "
-                                f"(a dependency of this stage, tracked with `dvc add`); got "
-                                f"{e['weights']}")
+    # Only files under data/weights/ are a declared dependency of this stage: a file
+    # elsewhere could change without DVC re-running the embedding.
+    check_weights_dependency(e["weights"], "embed.weights")
     embedder = Embedder(e["weights"], seed=e["seed"], weights_sha256=e["weights_sha256"] or None,
                         image_size=e["image_size"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],
@@ -32,25 +28,27 @@ def main() -> None:
     # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
     reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
     start = time.perf_counter()
-    n_new, n_reused = write_embeddings(embedder, rows, OUT, reuse=reuse)
+    n_new, n_reused = write_embeddings(rows, OUT, fingerprint=embedder.fingerprint_,
+                                      compute=embedder.iter_batches, reuse=reuse)
     seconds = time.perf_counter() - start
     n = n_new + n_reused
-    fp = embedder.fingerprint_
+    fingerprint = embedder.fingerprint_
     with open_live("embed") as live:
         live.log_metric("n_images", n, plot=False)
         for key in ("weights", "weights_sha256", "image_size", "precision", "kernels",
                     "fingerprint"):
-            live.log_param(key, fp.get(key))
+            live.log_param(key, fingerprint.get(key))
         live.log_param("device", embedder.device_)
     # Timings vary run to run: kept out of the stage's outputs so `dvc repro -f` gives an
     # identical dvc.lock; still a top-level metric, so `dvc metrics diff` shows them.
     write_json({"embed": {"n_images": n, "n_embedded_new": n_new, "n_reused": n_reused,
                           "seconds": round(seconds, 2),
                           "throughput_img_s": round(n_new / max(seconds, 1e-9), 1),
-                          "device": embedder.device_, "precision": fp["precision"]}}, RUNTIME)
+                          "device": embedder.device_, "precision": fingerprint["precision"]}},
+               RUNTIME)
     print(f"embed: {n} images ({n_new} computed, {n_reused} reused), "
           f"{n_new / max(seconds, 1e-9):.1f} img/s on {embedder.device_} "
-          f"({fp['weights']}, {fp['precision']})")
+          f"({fingerprint['weights']}, {fingerprint['precision']})")
 
 
 if __name__ == "__main__":

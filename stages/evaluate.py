@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from triage.embed import read_embeddings
 from triage.errors import PipelineError
-from triage.finetune import OUT_DIR as FINETUNE_DIR
-from triage.finetune import finetuned_scores, read_finetune_predictions
+from triage.finetune_results import OUT_DIR as FINETUNE_DIR
+from triage.finetune_results import finetuned_scores, read_finetune_predictions
 from triage.io import open_live, run_stage, write_parquet
 from triage.metrics import evaluate_scores, paired_delta
 from triage.models import load_model, positive_proba
 from triage.params import load_params
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 MODELS = Path("data/models")
@@ -44,7 +44,7 @@ def log_model(live, name: str, test_rows: pd.DataFrame, y, p, threshold: float, 
 def main() -> None:
     params = load_params()
     ev, positive = params["evaluate"], params["data"]["positive_class"]
-    rows, X, fp = read_embeddings(EMBEDDINGS)
+    rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     test = (rows["split"] == "test").to_numpy()
     if test.sum() == 0:
         raise PipelineError("no test images passed QC: nothing to evaluate")
@@ -57,10 +57,10 @@ def main() -> None:
     with open_live("evaluate") as live:
         for name in MODEL_NAMES:
             bundle = load_model(MODELS / f"{name}.skops")
-            if bundle["embedding_fingerprint"] != fp.get("fingerprint", ""):
+            if bundle["embedding_fingerprint"] != fingerprint.get("fingerprint", ""):
                 raise PipelineError(f"model {name} was trained on embedding "
                                     f"{bundle['embedding_fingerprint']}, test vectors are "
-                                    f"{fp.get('fingerprint')}: run `dvc repro`")
+                                    f"{fingerprint.get('fingerprint')}: run `dvc repro`")
             p = positive_proba(bundle["model"], X[test], positive)
             probs[name], thresholds[name] = p, bundle["threshold"]
             preds.append(log_model(live, name, rows.loc[test], y, p, bundle["threshold"], ev, kw))

@@ -7,8 +7,8 @@ data/finetune/disabled.json, in milliseconds, so `dvc repro` stays fast and cons
 import time
 from pathlib import Path
 
-from triage.embed import check_weights_dependency
-from triage.finetune import DISABLED_FILE, MODEL_FILE, OUT_DIR, PREDICTIONS_FILE, SUMMARY_FILE
+from triage.backbone import check_weights_dependency
+from triage.finetune_results import DISABLED_FILE, MODEL_FILE, OUT_DIR, PREDICTIONS_FILE, SUMMARY_FILE
 from triage.io import open_live, read_parquet, reset_dir, run_stage, write_json, write_parquet
 from triage.params import load_params
 
@@ -27,8 +27,9 @@ def main() -> None:
         print("finetune: disabled (finetune.enabled: false); wrote the marker only")
         return
 
-    from triage.finetune import FinetuneConfig, model_bundle, run_finetune, save_checkpoint
+    from triage.finetune import FinetuneConfig, model_bundle, run_finetune
     from triage.metrics import point_metrics
+    from triage.torch_utils import save_checkpoint
 
     check_weights_dependency(f["weights"], "finetune.weights")
     positive = params["data"]["positive_class"]

@@ -7,7 +7,7 @@ data/pretrain/disabled.json, and `weights: ssl` stops with a message saying to e
 import time
 from pathlib import Path
 
-from triage.embed import check_weights_dependency
+from triage.backbone import check_weights_dependency
 from triage.errors import PipelineError
 from triage.io import open_live, read_parquet, reset_dir, run_stage, write_json
 from triage.params import load_params
@@ -27,8 +27,8 @@ def main() -> None:
         print("pretrain: disabled (pretrain.enabled: false); wrote the marker only")
         return
 
-    from triage.finetune import save_checkpoint
     from triage.pretrain import PretrainConfig, run_pretrain
+    from triage.torch_utils import save_checkpoint
 
     check_weights_dependency(p["weights"], "pretrain.weights")
     if p["weights"] == "ssl":

@@ -4,11 +4,11 @@ Writes data/pseudo/pseudo_labels.parquet (id, label, confidence, strategy).
 """
 from pathlib import Path
 
-from triage.embed import read_embeddings
 from triage.errors import PipelineError
 from triage.io import open_live, read_parquet, run_stage, write_parquet
 from triage.params import load_params
 from triage.pseudo import pseudo_label_quality, run_strategy
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
@@ -31,8 +31,7 @@ def main() -> None:
         raise PipelineError(f"pseudo_label needs labelled images of two classes including "
                             f"'{positive}', got {sorted(set(y_lab))}")
     pseudo = run_strategy(p, positive, rows.loc[pool, "id"].to_numpy(dtype=object), X[pool],
-                          X[lab], y_lab, params["train"]["seed"], cl[pool], cl[lab],
-                          params["train"]["pseudo_weight_scale"])
+                          X[lab], y_lab, cl[pool], cl[lab])
     write_parquet(pseudo, OUT)
 
     classes = sorted(set(y_lab))

@@ -2,10 +2,10 @@
 import json
 from pathlib import Path
 
-from triage.embed import read_embeddings
 from triage.io import atomic_path, read_parquet, run_stage
 from triage.params import load_params
 from triage.report import error_table, render_errors_html, render_model_card
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")

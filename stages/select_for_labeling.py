@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from triage.embed import read_embeddings
 from triage.errors import PipelineError
 from triage.io import open_live, read_parquet, run_stage, write_csv
 from triage.models import load_model, positive_proba
 from triage.params import load_params
 from triage.select import batch_stats, embed_space, select_batch, to_label_table, uncertainty
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 MODEL = Path("data/models/semi_supervised.skops")
@@ -28,11 +28,11 @@ OUT = Path("data/annotation/to_label.csv")
 def main() -> None:
     params = load_params()
     s, positive = params["select"], params["data"]["positive_class"]
-    rows, X, fp = read_embeddings(EMBEDDINGS)
+    rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     bundle = load_model(MODEL)
-    if bundle["embedding_fingerprint"] != fp.get("fingerprint", ""):
+    if bundle["embedding_fingerprint"] != fingerprint.get("fingerprint", ""):
         raise PipelineError(f"model was trained on embedding {bundle['embedding_fingerprint']}, "
-                            f"pool vectors are {fp.get('fingerprint')}: run `dvc repro`")
+                            f"pool vectors are {fingerprint.get('fingerprint')}: run `dvc repro`")
     clean = read_parquet(CLEAN, "clean manifest").drop_duplicates("id")
     assign = read_parquet(ASSIGNMENTS, "cluster assignments")
     rows = rows.merge(clean[["id", "path"]], on="id", how="left", validate="many_to_one")

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 
 from triage.crossval import fold_pseudo_labels
-from triage.embed import read_embeddings
 from triage.io import open_live, read_parquet, run_stage, write_parquet
 from triage.metrics import point_metrics, threshold_for_sensitivity
 from triage.models import (
@@ -22,6 +21,7 @@ from triage.models import (
     save_model,
 )
 from triage.params import load_params
+from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
 PSEUDO = Path("data/pseudo/pseudo_labels.parquet")
@@ -32,7 +32,7 @@ def main() -> None:
     params = load_params()
     t, positive = params["train"], params["data"]["positive_class"]
     target = params["evaluate"]["target_sensitivity"]
-    rows, X, fp = read_embeddings(EMBEDDINGS)
+    rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     lab = (rows["split"] == "labeled").to_numpy()
     X_lab, y_lab = X[lab], rows.loc[lab, "label"].to_numpy()
     pseudo = read_parquet(PSEUDO, "pseudo labels")
@@ -56,7 +56,8 @@ def main() -> None:
     ids_pool, X_pool = rows.loc[pool, "id"].to_numpy(dtype=object), X[pool]
 
     def pseudo_for_fold(tr):
-        return fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)[1:]
+        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)
+        return fold.X, fold.y, fold.weights
 
     oof = {
         "baseline": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"], t["seed"]),
@@ -74,7 +75,7 @@ def main() -> None:
             save_model({"model": model, "name": name, "positive_class": positive,
                         "classes": [str(c) for c in model.classes_],
                         "threshold": float(threshold), "target_sensitivity": float(target),
-                        "embedding_fingerprint": fp.get("fingerprint", ""),
+                        "embedding_fingerprint": fingerprint.get("fingerprint", ""),
                         "n_labeled": int(lab.sum()),
                         "n_pseudo": int(len(pseudo)) if name == "semi_supervised" else 0},
                        MODELS / f"{name}.skops")

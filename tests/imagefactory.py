@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,45 @@ def make_layout(root, n_labeled=None, n_unlabeled: int = 4, n_test=None,
             out["test"][cls] = [writer(d / f"t_{cls}_{i:03d}{ext}", size=size, seed=nxt())
                                 for i in range(n)]
     return out
+
+
+def blob_image(path, cancer: bool, seed: int, size: int = 48) -> Path:
+    """Texture, plus a bright disc for 'cancer': separable even by random features."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(90, 20, (size, size))
+    if cancer:
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        a[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2] += 110
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def copy_file(src, dst) -> Path:
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def smooth_image(seed, size=64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(20, 235, (6, 6), dtype=np.uint8)
+    return Image.fromarray(grid, "L").resize((size, size), Image.Resampling.BICUBIC)
+
+
+def write_smooth(path, seed, size=64) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    smooth_image(seed, size).save(path, format="PNG")
+    return path
+
+
+def write_upscaled_copy(src, dst) -> Path:
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.resize((im.width * 2, im.height * 2), Image.Resampling.BICUBIC).save(dst, format="PNG")
+    return dst

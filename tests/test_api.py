@@ -14,7 +14,8 @@ with warnings.catch_warnings():  # starlette: "httpx with the test client is dep
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from test_inference import blob_image, train_tiny_model, write_params
+from helpers import train_tiny_model, write_params
+from imagefactory import blob_image
 
 from triage.api import create_app
 from triage.inference import FingerprintMismatch

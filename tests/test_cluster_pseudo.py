@@ -8,10 +8,14 @@ from sklearn.metrics import adjusted_rand_score
 from triage.cluster import PoolClusterer, cluster_purity, cluster_quality, make_clusterer, projection_image
 from triage.errors import PipelineError
 from triage.pseudo import (
+    LABELLERS,
     PSEUDO_COLUMNS,
+    STRATEGIES,
     ClusterVotePseudoLabeler,
     ConfidencePseudoLabeler,
+    ConsensusPseudoLabeler,
     LabelSpreadingPseudoLabeler,
+    PoolData,
     SelfTrainingPseudoLabeler,
     adjust_to_prior,
     class_quotas,
@@ -134,8 +138,9 @@ def _vote(labeler, pool_clusters, labelled):
     lab_c = [c for c, ys in labelled.items() for _ in ys]
     lab_y = [y for ys in labelled.values() for y in ys]
     ids = [f"p{i:02d}" for i in range(len(pool_clusters))]
-    return labeler.fit_predict(pd.Series(ids), np.array(pool_clusters), np.array(lab_c),
-                               pd.Series(lab_y)), ids
+    data = PoolData(pd.Series(ids), X_pool=None, X_lab=None, y_lab=pd.Series(lab_y),
+                    pool_clusters=np.array(pool_clusters), lab_clusters=np.array(lab_c))
+    return labeler.fit_predict(data), ids
 
 
 def test_cluster_vote_support_purity_and_laplace_confidence():
@@ -213,7 +218,7 @@ def two_class_pool():
 
 def test_confidence_labeler_accepts_everything_at_one_half(two_class_pool):
     ids, X_pool, X_lab, y_lab = two_class_pool
-    out = ConfidencePseudoLabeler(threshold=0.5).fit_predict(ids, X_pool, X_lab, y_lab)
+    out = ConfidencePseudoLabeler(threshold=0.5).fit_predict(PoolData(ids, X_pool, X_lab, y_lab))
     assert len(out) == len(ids)  # max of two probabilities is always >= 0.5
     got = out.set_index("id")
     assert got.loc["u00", "label"] == "normal" and got.loc["u40", "label"] == "cancer"
@@ -224,8 +229,9 @@ def test_confidence_labeler_accepts_everything_at_one_half(two_class_pool):
 @pytest.mark.parametrize("threshold", [0.7, 0.8, 0.9])
 def test_confidence_labeler_accepts_only_at_or_above_the_threshold(two_class_pool, threshold):
     ids, X_pool, X_lab, y_lab = two_class_pool
-    everything = ConfidencePseudoLabeler(threshold=0.5).fit_predict(ids, X_pool, X_lab, y_lab)
-    out = ConfidencePseudoLabeler(threshold=threshold).fit_predict(ids, X_pool, X_lab, y_lab)
+    data = PoolData(ids, X_pool, X_lab, y_lab)
+    everything = ConfidencePseudoLabeler(threshold=0.5).fit_predict(data)
+    out = ConfidencePseudoLabeler(threshold=threshold).fit_predict(data)
     assert (out["confidence"] >= threshold).all()
     # exactly the images whose confidence (same classifier) reaches the threshold
     expected = everything[everything["confidence"] >= threshold].reset_index(drop=True)
@@ -237,9 +243,9 @@ def test_confidence_labeler_balance(two_class_pool):
     ids, X_pool, X_lab, y_lab = two_class_pool
     keep = np.r_[np.arange(0, 41), np.arange(30, 41)]  # extra cancer-side points
     ids2 = pd.Series([f"v{i:02d}" for i in range(len(keep))])
-    full = ConfidencePseudoLabeler(0.9).fit_predict(ids2, X_pool[keep], X_lab, y_lab)
-    bal = ConfidencePseudoLabeler(0.9, balance_classes=True).fit_predict(
-        ids2, X_pool[keep], X_lab, y_lab)
+    data = PoolData(ids2, X_pool[keep], X_lab, y_lab)
+    full = ConfidencePseudoLabeler(0.9).fit_predict(data)
+    bal = ConfidencePseudoLabeler(0.9, balance_classes=True).fit_predict(data)
     n = full["label"].value_counts()
     assert n["cancer"] > n["normal"]
     assert bal["label"].value_counts().to_dict() == {"cancer": n.min(), "normal": n.min()}
@@ -250,8 +256,8 @@ def test_confidence_labeler_balance(two_class_pool):
 
 def test_confidence_labeler_empty_pool(two_class_pool):
     _, X_pool, X_lab, y_lab = two_class_pool
-    out = ConfidencePseudoLabeler(0.9).fit_predict(pd.Series([], dtype=object), X_pool[:0],
-                                                   X_lab, y_lab)
+    out = ConfidencePseudoLabeler(0.9).fit_predict(PoolData(pd.Series([], dtype=object),
+                                                            X_pool[:0], X_lab, y_lab))
     assert out.empty and list(out.columns) == PSEUDO_COLUMNS
 
 
@@ -394,7 +400,7 @@ def shifted_pool():
 PARAMS = {"strategy": "self_training", "min_purity": 0.8, "min_support": 3,
           "confidence_threshold": 0.95, "C": 0.1, "balance_classes": False, "class_prior": None,
           "max_fraction": 0.5, "min_confidence": 0.5, "rounds": 3, "pca_components": 8,
-          "n_neighbors": 10, "spreading_alpha": 0.2, "cv_folds": 3, "cv_repeats": 1}
+          "n_neighbors": 10, "spreading_alpha": 0.2, "round_weight": 0.5, "seed": 0}
 
 
 def _contract(out, ids, name):
@@ -408,7 +414,7 @@ def _contract(out, ids, name):
 @pytest.mark.parametrize("strategy", ["self_training", "label_spreading"])
 def test_quota_strategies_contract_and_quotas(shifted_pool, strategy):
     ids, X_pool, X_lab, y_lab, truth = shifted_pool
-    out = run_strategy({**PARAMS, "strategy": strategy}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+    out = run_strategy({**PARAMS, "strategy": strategy}, "cancer", ids, X_pool, X_lab, y_lab)
     _contract(out, ids, strategy)
     counts = out["label"].value_counts()
     # estimated prior near the true 25 %, so the quotas keep roughly that mix
@@ -416,7 +422,7 @@ def test_quota_strategies_contract_and_quotas(shifted_pool, strategy):
     assert len(out) <= 0.5 * len(ids)
     assert pseudo_label_quality(out, truth, ["cancer", "normal"])["accuracy"] > 0.8
     given = run_strategy({**PARAMS, "strategy": strategy, "class_prior": 0.1}, "cancer", ids,
-                         X_pool, X_lab, y_lab, 0)
+                         X_pool, X_lab, y_lab)
     quota = class_quotas(len(ids), 0.1, 0.5, "cancer", "normal")
     n = given["label"].value_counts()
     assert n.get("cancer", 0) <= quota["cancer"] and n.get("normal", 0) <= quota["normal"]
@@ -424,15 +430,16 @@ def test_quota_strategies_contract_and_quotas(shifted_pool, strategy):
 
 def test_self_training_quota_grows_per_round(shifted_pool):
     ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    data = PoolData(ids, X_pool, X_lab, y_lab)
     sizes = [len(SelfTrainingPseudoLabeler("cancer", rounds=r, max_fraction=0.5, C=0.1,
                                            pca_components=8, class_prior=0.25,
-                                           random_state=0).fit_predict(ids, X_pool, X_lab, y_lab))
+                                           random_state=0).fit_predict(data))
              for r in (1, 3)]
     # with 3 rounds the last round reaches the full quota, same as 1 round
     assert sizes[0] == sizes[1] == 25 + 75
     partial = SelfTrainingPseudoLabeler("cancer", rounds=1, max_fraction=0.25, C=0.1,
                                         pca_components=8, class_prior=0.25,
-                                        random_state=0).fit_predict(ids, X_pool, X_lab, y_lab)
+                                        random_state=0).fit_predict(data)
     assert len(partial) == 12 + 37
 
 
@@ -443,17 +450,17 @@ def test_hdbscan_noise_is_never_pseudo_labelled(shifted_pool, strategy):
     pool_cl = np.where(np.arange(len(ids)) % 4 == 0, -1, (X_pool[:, 0] > 0).astype(int))
     lab_cl = np.where(np.arange(len(y_lab)) % 5 == 0, -1, (X_lab[:, 0] > 0).astype(int))
     out = run_strategy({**PARAMS, "strategy": strategy, "confidence_threshold": 0.6}, "cancer",
-                       ids, X_pool, X_lab, y_lab, 0, pool_cl, lab_cl)
+                       ids, X_pool, X_lab, y_lab, pool_cl, lab_cl)
     assert len(out) > 0
     assert not set(out["id"]) & set(ids[pool_cl == -1])
 
 
 def test_consensus_is_a_subset_of_agreement(shifted_pool):
     ids, X_pool, X_lab, y_lab, _ = shifted_pool
-    a = run_strategy({**PARAMS, "strategy": "self_training"}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+    a = run_strategy({**PARAMS, "strategy": "self_training"}, "cancer", ids, X_pool, X_lab, y_lab)
     b = run_strategy({**PARAMS, "strategy": "label_spreading"}, "cancer", ids, X_pool, X_lab,
-                     y_lab, 0)
-    both = run_strategy({**PARAMS, "strategy": "consensus"}, "cancer", ids, X_pool, X_lab, y_lab, 0)
+                     y_lab)
+    both = run_strategy({**PARAMS, "strategy": "consensus"}, "cancer", ids, X_pool, X_lab, y_lab)
     _contract(both, ids, "consensus")
     la, lb = a.set_index("id")["label"], b.set_index("id")["label"]
     agree = {i for i in set(la.index) & set(lb.index) if la[i] == lb[i]}
@@ -477,12 +484,59 @@ def test_consensus_drops_conflicts_and_lone_votes():
     assert consensus([r1], 2).empty
 
 
+def test_every_strategy_choice_has_exactly_one_labeller():
+    """The params schema declares the ``pseudo.strategy`` choices once; the registry and
+    ``STRATEGIES`` follow it, and each labeller is registered under its own name."""
+    from triage.params import SCHEMA
+
+    choices = SCHEMA["pseudo"]["strategy"].choices
+    assert set(LABELLERS) == set(choices)
+    assert tuple(STRATEGIES) == tuple(choices)
+    assert all(labeller.name == key for key, labeller in LABELLERS.items())
+
+
+def test_labellers_are_built_from_the_pseudo_params():
+    p = {**PARAMS, "seed": 7, "round_weight": 0.8, "class_prior": 0.3}
+    st = SelfTrainingPseudoLabeler.from_params(p, "cancer")
+    assert (st.random_state, st.round_weight, st.class_prior, st.rounds) == (7, 0.8, 0.3, 3)
+    ls = LabelSpreadingPseudoLabeler.from_params(p, "cancer")
+    assert (ls.random_state, ls.n_neighbors, ls.alpha) == (7, 10, 0.2)
+    assert ConfidencePseudoLabeler.from_params(p, "cancer").random_state == 7
+    cons = ConsensusPseudoLabeler.from_params(p, "cancer")
+    assert [m.name for m in cons.members] == ["self_training", "label_spreading", "cluster_vote"]
+    assert [k for k, v in LABELLERS.items() if v.uses_clusters] == ["cluster_vote", "consensus"]
+
+
+def test_run_strategy_errors():
+    with pytest.raises(ValueError, match="unknown pseudo.strategy 'nope'"):
+        run_strategy({**PARAMS, "strategy": "nope"}, "cancer", [], np.zeros((0, 2)),
+                     np.zeros((0, 2)), [])
+    with pytest.raises(ValueError, match="cluster_vote needs cluster assignments"):
+        run_strategy({**PARAMS, "strategy": "cluster_vote"}, "cancer", ["u0"], np.zeros((1, 2)),
+                     np.zeros((2, 2)), ["cancer", "normal"])
+
+
+def test_consensus_takes_cluster_vote_in_when_clusters_are_given(shifted_pool):
+    ids, X_pool, X_lab, y_lab, _ = shifted_pool
+    pool_cl, lab_cl = (X_pool[:, 0] > 0).astype(int), (X_lab[:, 0] > 0).astype(int)
+    data = PoolData(ids, X_pool, X_lab, y_lab, pool_cl, lab_cl)
+    members = [lab.from_params(PARAMS, "cancer").fit_predict(data)
+               for lab in (SelfTrainingPseudoLabeler, LabelSpreadingPseudoLabeler,
+                           ClusterVotePseudoLabeler)]
+    got = run_strategy({**PARAMS, "strategy": "consensus"}, "cancer", ids, X_pool, X_lab, y_lab,
+                       pool_cl, lab_cl)
+    pd.testing.assert_frame_equal(got, consensus(members, 2))
+    without = run_strategy({**PARAMS, "strategy": "consensus"}, "cancer", ids, X_pool, X_lab,
+                           y_lab)
+    pd.testing.assert_frame_equal(without, consensus(members[:2], 2))
+
+
 def test_strategies_are_deterministic(shifted_pool):
     ids, X_pool, X_lab, y_lab, _ = shifted_pool
     for strategy in ("self_training", "label_spreading", "consensus"):
-        p = {**PARAMS, "strategy": strategy}
-        a = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab, 3)
-        b = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab, 3)
+        p = {**PARAMS, "strategy": strategy, "seed": 3}
+        a = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab)
+        b = run_strategy(p, "cancer", ids, X_pool, X_lab, y_lab)
         pd.testing.assert_frame_equal(a, b)
 
 
@@ -507,7 +561,7 @@ def test_label_spreading_reads_an_unbalanced_labelled_set_under_a_50_50_prior():
         y_lab = np.array(["cancer"] * n_pos + ["normal"] * n_neg, dtype=object)
         lab = LabelSpreadingPseudoLabeler("cancer", n_neighbors=10, max_fraction=1.0,
                                           pca_components=8, class_prior=0.5, random_state=0)
-        out = lab.fit_predict(ids, X_pool, X_lab, y_lab)
+        out = lab.fit_predict(PoolData(ids, X_pool, X_lab, y_lab))
         shares[n_pos] = (out["label"] == "cancer").mean()
     assert abs(shares[30] - 0.5) < 0.08
     # the labelled mix barely moves the pseudo-label mix (0.46 vs 0.52 here); without the
@@ -526,8 +580,8 @@ def test_self_training_labels_nothing_when_the_labels_carry_no_signal():
         y_lab = np.array(["cancer", "normal"] * 20, dtype=object)
         st = SelfTrainingPseudoLabeler("cancer", rounds=2, C=0.03, pca_components=4,
                                        random_state=0)
-        out = st.fit_predict(np.array([f"u{i}" for i in range(120)], dtype=object), X_pool,
-                             X_lab, y_lab)
+        out = st.fit_predict(PoolData(np.array([f"u{i}" for i in range(120)], dtype=object),
+                                      X_pool, X_lab, y_lab))
         accepted.append(len(out))
     from triage.pseudo import calibrated_pool_proba
     # the guard is what empties them: a case with a non-positive Platt slope exists here
@@ -545,8 +599,7 @@ def test_confidence_balance_holds_after_the_noise_filter(two_class_pool):
     allowed[30:38] = False
     out = run_strategy({**PARAMS, "strategy": "confidence", "confidence_threshold": 0.9,
                         "balance_classes": True}, "cancer", ids.to_numpy(dtype=object),
-                       X_pool, X_lab, y_lab, 0,
-                       np.where(allowed, 0, -1), np.zeros(len(y_lab), int))
+                       X_pool, X_lab, y_lab, np.where(allowed, 0, -1), np.zeros(len(y_lab), int))
     counts = out["label"].value_counts()
     assert counts.get("cancer", 0) == counts.get("normal", 0) > 0
     assert not set(out["id"]) & set(ids[~allowed])

@@ -3,12 +3,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from triage.crossval import crossval_semisup, fold_splits, mean_ci
+from triage.crossval import FoldPseudoLabels, crossval_semisup, fold_pseudo_labels, fold_splits, mean_ci
 
 PSEUDO = {"strategy": "self_training", "min_purity": 0.8, "min_support": 2,
           "confidence_threshold": 0.95, "C": 0.1, "balance_classes": False, "class_prior": None,
           "max_fraction": 0.5, "min_confidence": 0.5, "rounds": 2, "pca_components": 8,
-          "n_neighbors": 8, "spreading_alpha": 0.2, "cv_folds": 4, "cv_repeats": 2}
+          "n_neighbors": 8, "spreading_alpha": 0.2, "round_weight": 0.5, "seed": 0}
 TRAIN = {"model": "logreg", "C": 0.1, "class_weight": "balanced", "calibration": "none",
          "pseudo_weighting": "confidence", "pseudo_weight_scale": 0.5, "cv_folds": 3, "seed": 0}
 CLUSTER = {"pca_components": 8, "k": 4, "seed": 0, "method": "kmeans", "k_min": 2, "k_max": 6,
@@ -154,3 +154,19 @@ def test_pseudo_accuracy_reported_with_truth(separable):
                           "label": ["cancer"] * 40 + ["normal"] * 80})
     per_fold, s = crossval_semisup(rows, X, _params(), "cancer", 4, 1, seed=0, truth=truth)
     assert 0.7 < s["pseudo_accuracy_mean"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["self_training", "cluster_vote"])
+def test_fold_pseudo_labels_are_named_and_aligned(separable, strategy):
+    rows, X = separable
+    lab, pool = (rows["split"] == "labeled").to_numpy(), (rows["split"] == "unlabeled").to_numpy()
+    ids_pool = rows.loc[pool, "id"].to_numpy(dtype=object)
+    fold = fold_pseudo_labels(_params(pseudo__strategy=strategy), "cancer", X[lab],
+                              rows.loc[lab, "label"].to_numpy(dtype=object), ids_pool, X[pool])
+    assert isinstance(fold, FoldPseudoLabels) and len(fold.rows) > 0
+    assert (fold.rows["strategy"] == strategy).all()
+    where = {i: k for k, i in enumerate(ids_pool)}
+    np.testing.assert_array_equal(fold.X, X[pool][[where[i] for i in fold.rows["id"]]])
+    np.testing.assert_array_equal(fold.y, fold.rows["label"].to_numpy(dtype=object))
+    # train.pseudo_weighting=confidence: weight = confidence x train.pseudo_weight_scale
+    np.testing.assert_allclose(fold.weights, fold.rows["confidence"].to_numpy() * 0.5)

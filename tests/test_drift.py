@@ -159,7 +159,7 @@ def _write_embeddings(path, rows, X, fingerprint: dict):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from triage.embed import EMBED_DIM, EMBEDDING_SCHEMA
+    from triage.store import EMBED_DIM, EMBEDDING_SCHEMA
 
     meta = {b"embedding_fingerprint": json.dumps(fingerprint).encode()}
     table = pa.Table.from_arrays([
@@ -180,7 +180,8 @@ def test_drift_stage_never_prints_logs_or_reports_the_batch_folder_path(tmp_path
     import sys
 
     import pandas as pd
-    from test_inference import blob_image, train_tiny_model, write_params
+    from helpers import train_tiny_model, write_params
+    from imagefactory import blob_image
 
     tiny = train_tiny_model(tmp_path / "model")
     repo = tmp_path / "repo"

@@ -10,17 +10,16 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18, resnet34
 
-from triage.embed import (
-    EMBED_DIM,
-    Embedder,
-    build_backbone,
-    imagenet_weights_file,
-    load_checkpoint,
-    load_reusable,
-    read_embeddings,
-    write_embeddings,
-)
+from triage.backbone import build_backbone, imagenet_weights_file, load_checkpoint
+from triage.embed import Embedder
 from triage.errors import WeightsError
+from triage.store import EMBED_DIM, load_reusable, read_embeddings, write_embeddings
+
+
+def store_with(embedder, rows, path, **kwargs):
+    """Write the store of ``rows`` with ``embedder``'s vectors, as the embed stage does."""
+    return write_embeddings(rows, path, fingerprint=embedder.fingerprint_,
+                            compute=embedder.iter_batches, **kwargs)
 
 
 def _write_images(folder, n=6, size=40, seed=0):
@@ -182,7 +181,7 @@ def test_feature_store_parquet_roundtrip(tmp_path, images):
                          "split": ["labeled", "unlabeled", "test"] * 2,
                          "label": ["cancer", None, "normal"] * 2})
     out = tmp_path / "emb" / "embeddings.parquet"
-    n_new, n_reused = write_embeddings(emb, rows, out, rows_per_group=4)
+    n_new, n_reused = store_with(emb, rows, out, rows_per_group=4)
     assert (n_new, n_reused) == (len(images), 0)
     meta = pq.ParquetFile(out)
     assert meta.metadata.num_row_groups == 2  # written as it goes, not all at once
@@ -201,7 +200,8 @@ def test_feature_store_parquet_roundtrip(tmp_path, images):
     assert other["fingerprint"] != fp["fingerprint"]
     # Identical inputs → identical bytes (DVC hashes must be stable).
     out2 = tmp_path / "again.parquet"
-    write_embeddings(Embedder("random", seed=0, image_size=40, batch_size=4).fit(), rows, out2,
+    again = Embedder("random", seed=0, image_size=40, batch_size=4).fit()
+    write_embeddings(rows, out2, fingerprint=again.fingerprint_, compute=again.iter_batches,
                      rows_per_group=4)
     assert out.read_bytes() == out2.read_bytes()
 
@@ -226,13 +226,13 @@ def test_incremental_reuses_vectors_and_matches_fresh_bytes(tmp_path):
     store = tmp_path / "store.parquet"
     # First run on 7 images, then 4 more arrive (inserted in the middle of the order).
     first = _rows(paths[:3] + paths[7:])
-    assert write_embeddings(emb, first, store, rows_per_group=5) == (7, 0)
+    assert store_with(emb, first, store, rows_per_group=5) == (7, 0)
     reuse = load_reusable(store, fp)
     assert set(reuse) == set(first["id"])
     everything = _rows(paths)
-    assert write_embeddings(emb, everything, store, reuse=reuse, rows_per_group=5) == (4, 7)
+    assert store_with(emb, everything, store, reuse=reuse, rows_per_group=5) == (4, 7)
     fresh = tmp_path / "fresh.parquet"
-    write_embeddings(emb, everything, fresh, rows_per_group=5)
+    store_with(emb, everything, fresh, rows_per_group=5)
     assert store.read_bytes() == fresh.read_bytes()
 
 
@@ -240,7 +240,7 @@ def test_fingerprint_change_or_corrupt_store_recomputes(tmp_path):
     paths = _write_images(tmp_path, n=3)
     store = tmp_path / "store.parquet"
     emb = Embedder("random", seed=0, image_size=40).fit()
-    write_embeddings(emb, _rows(paths), store)
+    store_with(emb, _rows(paths), store)
     other = Embedder("random", seed=1, image_size=40).fit()  # other weights → other fingerprint
     assert load_reusable(store, other.fingerprint_["fingerprint"]) == {}
     assert len(load_reusable(store, emb.fingerprint_["fingerprint"])) == 3
@@ -252,7 +252,8 @@ def test_fingerprint_change_or_corrupt_store_recomputes(tmp_path):
 KILL_SCRIPT = """
 import time
 import pandas as pd
-from triage.embed import Embedder, write_embeddings
+from triage.embed import Embedder
+from triage.store import write_embeddings
 rows = pd.read_parquet({rows!r})
 emb = Embedder("random", seed=0, image_size=64, batch_size=2).fit()
 orig = emb.iter_batches
@@ -263,7 +264,8 @@ def slow(paths):
             time.sleep(60)
         yield b
 emb.iter_batches = slow
-write_embeddings(emb, rows, {out!r}, rows_per_group=2)
+write_embeddings(rows, {out!r}, fingerprint=emb.fingerprint_, compute=emb.iter_batches,
+                 rows_per_group=2)
 """
 
 
@@ -279,7 +281,7 @@ def test_kill_mid_write_never_leaves_a_partial_file(tmp_path, repo_root):
     out = tmp_path / "feat" / "embeddings.parquet"
     # A previous good result exists (e.g. from the last run) for the first 5 images.
     emb = Embedder("random", seed=0, image_size=64, batch_size=2).fit()
-    write_embeddings(emb, rows.iloc[:5], out)
+    store_with(emb, rows.iloc[:5], out)
     before = out.read_bytes()
     script = KILL_SCRIPT.format(root=str(repo_root), rows=str(tmp_path / "rows.parquet"),
                                 out=str(out))
@@ -291,7 +293,7 @@ def test_kill_mid_write_never_leaves_a_partial_file(tmp_path, repo_root):
     assert out.read_bytes() == before  # the previous file is untouched, never half-written
     # Rerun: correct output, stale temp file cleaned up.
     reuse = load_reusable(out, emb.fingerprint_["fingerprint"])
-    assert write_embeddings(emb, rows, out, reuse=reuse) == (7, 5)
+    assert store_with(emb, rows, out, reuse=reuse) == (7, 5)
     got_rows, X, _ = read_embeddings(out)
     assert got_rows["id"].tolist() == rows["id"].tolist()
     np.testing.assert_array_equal(X, emb.transform(paths))

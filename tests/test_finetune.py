@@ -18,18 +18,18 @@ import yaml
 from PIL import Image
 
 from triage import augment
-from triage.embed import Embedder, build_backbone
+from triage.backbone import build_backbone
+from triage.embed import Embedder
 from triage.errors import PipelineError, WeightsError
 from triage.finetune import (
     FinetuneConfig,
     align_distribution,
     consistency_loss,
-    finetuned_scores,
     load_finetuned,
     pseudo_label,
-    read_finetune_predictions,
     run_finetune,
 )
+from triage.finetune_results import finetuned_scores, read_finetune_predictions
 from triage.pretrain import PretrainConfig, nt_xent, pretrain_rows, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_ssl_checkpoint_roundtrips_into_build_backbone_and_embed(dataset, tmp_pa
 
 
 def test_saved_checkpoints_are_byte_stable_whatever_the_file_name(tmp_path):
-    from triage.finetune import save_checkpoint
+    from triage.torch_utils import save_checkpoint
 
     state = {"w": torch.arange(6.0).view(2, 3), "threshold": 0.5}
     save_checkpoint(state, tmp_path / "a.pt")
@@ -304,7 +304,8 @@ def test_enabled_finetune_stage_writes_model_and_predictions(tmp_path, dataset):
     assert metrics["enabled"] == 1 and "oof_roc_auc" in metrics
     assert (ws / "metrics/finetune/plots/custom/losses.json").is_file()
     # The saved model reproduces the stage's test probabilities.
-    from triage.finetune import load_images, predict_proba
+    from triage.finetune import predict_proba
+    from triage.torch_utils import load_images
     test = dataset[dataset["split"] == "test"]
     p = predict_proba(model, load_images(test["path"].tolist(), 32))
     np.testing.assert_allclose(p, preds.set_index("id").loc[test["id"], "proba"], atol=1e-6)
@@ -328,8 +329,8 @@ def _evaluate_workspace(tmp: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from triage.embed import EMBEDDING_SCHEMA
     from triage.models import fit_weighted, make_classifier, save_model
+    from triage.store import EMBEDDING_SCHEMA
 
     ws = _workspace(tmp, {"evaluate.n_bootstrap": 50})
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """Batch inference: a real model bundle (random-init ResNet18 at 32 px + logistic
-regression, saved with skops) trained here on tiny real images; the CLI runs as a user
-runs it. Also imported by test_api.py / test_drift.py for the same fixture."""
+regression, saved with skops) trained here on tiny real images (tests/helpers.py); the CLI
+runs as a user runs it."""
 import hashlib
 import json
 import os
@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
+from helpers import SIZE, train_tiny_model, write_params
+from imagefactory import blob_image
 
-from triage.embed import Embedder
 from triage.inference import (
     PREDICTION_COLUMNS,
     FingerprintMismatch,
@@ -24,59 +24,9 @@ from triage.inference import (
     model_version,
     qc_image,
 )
-from triage.models import make_classifier, positive_proba, save_model
+from triage.models import positive_proba
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 32
-
-
-def blob_image(path, cancer: bool, seed: int, size: int = 48) -> Path:
-    """Texture, plus a bright disc for 'cancer': separable even by random features."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(90, 20, (size, size))
-    if cancer:
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-        a[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2] += 110
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
-    return path
-
-
-def write_params(path: Path, model: Path, **overrides) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["embed"].update(weights="random", seed=0, image_size=SIZE, batch_size=8,
-                           num_workers=0, device="cpu", precision="fp32", weights_sha256=None)
-    params["inference"]["model"] = str(model)
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
-
-
-def train_tiny_model(root: Path, n: int = 16) -> dict:
-    """Real images → real embedder → logreg → skops bundle. Returns paths and objects."""
-    root = Path(root)
-    paths, y = [], []
-    for i in range(n):
-        cancer = i % 2 == 0
-        paths.append(blob_image(root / "train" / f"{i:03d}.png", cancer, seed=i))
-        y.append("cancer" if cancer else "normal")
-    emb = Embedder("random", seed=0, image_size=SIZE, batch_size=8, num_workers=0,
-                   device="cpu").fit()
-    X = emb.transform([str(p) for p in paths])
-    model = make_classifier("logreg", 1.0).fit(X, np.array(y))
-    bundle = {"model": model, "name": "semi_supervised", "positive_class": "cancer",
-              "classes": [str(c) for c in model.classes_], "threshold": 0.5,
-              "target_sensitivity": 0.95,
-              "embedding_fingerprint": emb.fingerprint_["fingerprint"]}
-    model_path = root / "data/models/semi_supervised.skops"
-    save_model(bundle, model_path)
-    params = write_params(root / "params.yaml", model_path)
-    return {"root": root, "model": model_path, "params": params, "embedder": emb,
-            "bundle": bundle, "X": X, "y": np.array(y)}
 
 
 @pytest.fixture(scope="module")

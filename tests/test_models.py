@@ -12,6 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from triage.cluster import PoolClusterer
 from triage.errors import PipelineError
 from triage.models import (
+    TRUSTED_TYPES,
+    _schema_types,
     fit_semi_supervised,
     fit_weighted,
     load_model,
@@ -127,12 +129,27 @@ def test_load_model_round_trip_for_every_classifier(tmp_path, model):
                                bundle["model"].predict_proba(X), rtol=0, atol=0)
 
 
-def test_load_model_round_trip_for_the_clusterer(tmp_path):
+def test_load_model_refuses_the_clusterer_which_is_stored_as_json(tmp_path):
+    # The cluster stage writes plain JSON (triage.cluster): a skops file holding a
+    # clusterer is not something the pipeline makes, so it is not on the allowlist.
     X, _ = _labelled(n=60, seed=4)
     model = PoolClusterer(n_components=4, k=3, random_state=0).fit(X)
     save_model({"model": model, "embedding_fingerprint": "abc"}, tmp_path / "c.skops")
-    loaded = load_model(tmp_path / "c.skops")
-    np.testing.assert_array_equal(loaded["model"].predict(X), model.predict(X))
+    with pytest.raises(PipelineError, match="PoolClusterer"):
+        load_model(tmp_path / "c.skops")
+
+
+def test_allowlist_holds_only_types_the_classifiers_need(tmp_path):
+    needed = set()
+    for model in MODELS:
+        for cal in ("none", "sigmoid"):
+            X, y = _labelled(n=60, seed=1)
+            pipe = fit_weighted(make_classifier(model, 1.0, "balanced", 0, cal), X, y)
+            save_model({"model": pipe}, tmp_path / "m.skops")
+            needed |= set(_schema_types(tmp_path / "m.skops"))
+            assert load_model(tmp_path / "m.skops")["model"] is not None
+    unused = [t for t in TRUSTED_TYPES if t not in needed and t.split(".")[0] not in ("builtins", "numpy")]
+    assert not unused, f"allowlisted but no classifier needs them: {unused}"
 
 
 def test_canonical_file_still_loads_with_plain_skops(tmp_path):
@@ -317,3 +334,30 @@ def test_sigmoid_calibration_improves_an_overconfident_model(tmp_path):
     again = load_model(tmp_path / "c.skops")["model"]
     np.testing.assert_allclose(positive_proba(again, X[:5], "cancer"),
                                positive_proba(cal, X[:5], "cancer"))
+
+
+SKOPS_TYPES = ("import json, sys\n{pre}import skops.io._trusted_types as t\n"
+               "print(json.dumps({{'torch': 'torch' in sys.modules, "
+               "'types': sorted(t.SKLEARN_ESTIMATOR_TYPE_NAMES)}}))")
+
+
+def test_skops_loads_without_torch_and_trusts_the_same_types():
+    # skops' type scan walks sklearn's array-API shim for torch: ~1 s and ~600 MB RSS in
+    # stages that never touch a tensor. skops_io() hides torch for that import only.
+    import json
+    import subprocess
+    import sys
+
+    def run(pre):
+        out = subprocess.run([sys.executable, "-c", SKOPS_TYPES.format(pre=pre)],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    plain = run("")
+    hidden = run("from triage.models import skops_io; skops_io()\n")
+    assert plain["torch"] and not hidden["torch"]
+    assert hidden["types"] == plain["types"] and len(plain["types"]) > 100
+    after = subprocess.run([sys.executable, "-c", "from triage.models import skops_io; skops_io(); "
+                            "import torch; print(torch.ones(3).sum().item())"],
+                           capture_output=True, text=True, check=True).stdout
+    assert after.strip() == "3.0"

@@ -5,90 +5,33 @@ metric keys, no-op second run, byte-identical `dvc repro -f`, a `train.*` change
 only downstream stages, and folder mode quarantining a corrupt image.
 """
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import TINY, clone_repo, e2e_env, make_repo, run, set_params
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["demo", "prepare", "qc", "pretrain", "embed", "cluster", "pseudo_label", "train", "finetune",
-          "evaluate"]
+# Every stage of dvc.yaml, so "which stages ran" checks see all of them.
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 MODELS = ("baseline", "semi_supervised")
 METRIC_NAMES = ("roc_auc pr_auc f1 accuracy sensitivity specificity ppv npv fn threshold "
                 "brier ece").split()
-
-TINY = {
-    "data.demo.n_labeled": 24, "data.demo.n_unlabeled": 80, "data.demo.n_test": 30,
-    "data.demo.image_size": 64, "embed.image_size": 64, "embed.batch_size": 32,
-    "cluster.k": 4, "cluster.pca_components": 8, "pseudo.min_support": 2,
-    "evaluate.n_bootstrap": 200, "train.cv_folds": 3,
-}
-
-
-def _env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", TQDM_DISABLE="1")
-    env.pop("DVCLIVE_TEST", None)  # the stages must log for real
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
-
-
-def set_params(repo: Path, updates: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in updates.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def ran_stages(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
-def make_repo(tmp: Path, env: dict) -> Path:
-    """Copy the project's source files (what a clone has, minus results) into a new git repo."""
-    repo = tmp / "repo"
-    listed = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).stdout.split("\n")
-    for rel in filter(None, listed):
-        if rel == "dvc.lock" or rel.startswith(("metrics/", "data/demo/", "tests/")):
-            continue
-        src = ROOT / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    set_params(repo, TINY)
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "base"], repo, env)  # DVCLive needs a commit
-    return repo
-
-
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = _env(tmp)
-    repo = make_repo(tmp, env)
-    first = run(["dvc", "repro"], repo, env)
-    return repo, env, first
+def demo_repo(tiny_pipeline, tmp_path_factory):
+    # a copy of the session's reproduced TINY pipeline (conftest.tiny_pipeline): these tests
+    # change it (forced run, a params change on a branch)
+    repo = clone_repo(tiny_pipeline.repo, tmp_path_factory.mktemp("e2e") / "repo")
+    return repo, tiny_pipeline.env, tiny_pipeline
 
 
 def test_full_run_produces_metric_contract(demo_repo):
@@ -148,7 +91,10 @@ def test_train_param_change_reruns_only_downstream_and_review_shows_it(demo_repo
     set_params(repo, {"train.C": 0.5})
     assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 1
     out = run(["dvc", "repro"], repo, env)
-    assert ran_stages(out.stdout) == ["train", "evaluate"]
+    # The stages that read train.* (crossval, train, report) and those that read the new
+    # models (evaluate, select, drift); nothing upstream of train.
+    assert sorted(ran_stages(out.stdout)) == sorted(["crossval", "train", "evaluate", "report",
+                                                     "select", "drift"])
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "C=0.5"], repo, env)
 
@@ -171,7 +117,7 @@ def _img(path: Path, rng, size=48):
 
 
 def test_folder_mode_quarantines_corrupt_image(tmp_path):
-    env = _env(tmp_path)
+    env = e2e_env(tmp_path)
     repo = make_repo(tmp_path, env)
     rng = np.random.default_rng(0)
     raw = repo / "data/raw"
@@ -197,13 +143,13 @@ def test_folder_mode_quarantines_corrupt_image(tmp_path):
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    env = _env(tmp_path)
+    env = e2e_env(tmp_path)
     repo = make_repo(tmp_path, env)
     set_params(repo, {"data.source": "folder"})
-    res = run([sys.executable, "stages/prepare.py"], repo, env, check=False)
+    res = run([sys.executable, "-m", "stages.prepare"], repo, env, check=False)
     assert res.returncode == 1
     assert "ERROR:" in res.stderr and "data/raw/labeled" in res.stderr
     assert "Traceback" not in res.stderr
     set_params(repo, {"data.source": "somewhere"})
-    res = run([sys.executable, "stages/prepare.py"], repo, env, check=False)
+    res = run([sys.executable, "-m", "stages.prepare"], repo, env, check=False)
     assert "data.source" in res.stderr and "Traceback" not in res.stderr

@@ -2,22 +2,20 @@
 ``images in == passed + quarantined`` always holds. Real files written with Pillow."""
 import csv
 import os
-import shutil
 from pathlib import Path
 
 import imagefactory as F
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import QC
+from imagefactory import copy_file, write_smooth, write_upscaled_copy
 from PIL import Image
 
 from triage.errors import DataError
 from triage.io import write_csv
 from triage.prepare import build_manifest
 from triage.qc import QUARANTINE_COLUMNS, inspect_all, inspect_image, run_qc
-
-QC = dict(min_side=32, max_pixels=89_478_485, min_std=2.0, max_aspect=4.0,
-          leakage_policy="drop_test", workers=1)
 
 
 def qc(root, **overrides):
@@ -238,13 +236,6 @@ def test_empty_manifest_after_everything_is_quarantined_still_finishes(tmp_path)
 # --------------------------------------------------------------------------- duplicates/leakage
 
 
-def _copy(src, dst) -> Path:
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return dst
-
-
 @pytest.fixture
 def small(tmp_path):
     return F.make_layout(tmp_path / "raw", n_labeled={"cancer": 4, "normal": 4}, n_unlabeled=4,
@@ -253,7 +244,7 @@ def small(tmp_path):
 
 def test_duplicate_within_a_class_keeps_one(small):
     kept = small["labeled"]["cancer"][0]
-    copy = _copy(kept, small["root"] / "labeled" / "cancer" / "zz_copy.png")
+    copy = copy_file(kept, small["root"] / "labeled" / "cancer" / "zz_copy.png")
     _, r = qc(small["root"])
     assert reason_of(r, copy) == "duplicate"
     assert reason_of(r, kept) is None
@@ -264,7 +255,7 @@ def test_duplicate_within_a_class_keeps_one(small):
 
 def test_duplicate_keeps_the_first_path_whatever_the_name(small):
     later = small["labeled"]["normal"][2]
-    earlier = _copy(later, small["root"] / "labeled" / "normal" / "aa_first.png")
+    earlier = copy_file(later, small["root"] / "labeled" / "normal" / "aa_first.png")
     _, r = qc(small["root"])
     assert reason_of(r, earlier) is None
     assert reason_of(r, later) == "duplicate"
@@ -273,7 +264,7 @@ def test_duplicate_keeps_the_first_path_whatever_the_name(small):
 
 def test_labeled_copy_wins_over_unlabeled_copy(small):
     lab = small["labeled"]["normal"][1]
-    pool = _copy(lab, small["root"] / "unlabeled" / "a_pool_copy.png")  # sorts first by name
+    pool = copy_file(lab, small["root"] / "unlabeled" / "a_pool_copy.png")  # sorts first by name
     _, r = qc(small["root"])
     assert reason_of(r, lab) is None
     assert reason_of(r, pool) == "duplicate"
@@ -282,8 +273,8 @@ def test_labeled_copy_wins_over_unlabeled_copy(small):
 
 def test_three_copies_make_one_group(small):
     src = small["unlabeled"][0]
-    c1 = _copy(src, small["root"] / "unlabeled" / "dup1.png")
-    c2 = _copy(src, small["root"] / "unlabeled" / "sub" / "dup2.png")
+    c1 = copy_file(src, small["root"] / "unlabeled" / "dup1.png")
+    c2 = copy_file(src, small["root"] / "unlabeled" / "sub" / "dup2.png")
     _, r = qc(small["root"])
     assert [reason_of(r, p) for p in (src, c1, c2)].count(None) == 1
     assert r.stats["exact_duplicate_groups"] == 1 and r.stats["reason/duplicate"] == 2
@@ -291,7 +282,7 @@ def test_three_copies_make_one_group(small):
 
 def test_test_copy_of_labelled_image_is_dropped_as_leakage(small):
     lab = small["labeled"]["cancer"][1]
-    leak = _copy(lab, small["root"] / "test" / "cancer" / "leak.png")
+    leak = copy_file(lab, small["root"] / "test" / "cancer" / "leak.png")
     _, r = qc(small["root"], leakage_policy="drop_test")
     assert reason_of(r, leak) == "leakage"
     assert lab.as_posix() in detail_of(r, leak)
@@ -302,7 +293,7 @@ def test_test_copy_of_labelled_image_is_dropped_as_leakage(small):
 
 def test_test_copy_of_pool_image_is_leakage_too(small):
     pool = small["unlabeled"][2]
-    leak = _copy(pool, small["root"] / "test" / "normal" / "from_pool.png")
+    leak = copy_file(pool, small["root"] / "test" / "normal" / "from_pool.png")
     _, r = qc(small["root"])
     assert reason_of(r, leak) == "leakage"
     assert reason_of(r, pool) is None
@@ -310,7 +301,7 @@ def test_test_copy_of_pool_image_is_leakage_too(small):
 
 def test_leakage_policy_keep_lets_the_test_copy_pass(small):
     lab = small["labeled"]["cancer"][1]
-    leak = _copy(lab, small["root"] / "test" / "cancer" / "leak.png")
+    leak = copy_file(lab, small["root"] / "test" / "cancer" / "leak.png")
     _, r = qc(small["root"], leakage_policy="keep")
     assert reason_of(r, leak) is None and reason_of(r, lab) is None
     assert r.quarantine.empty
@@ -319,7 +310,7 @@ def test_leakage_policy_keep_lets_the_test_copy_pass(small):
 
 def test_leakage_policy_fail_raises(small):
     lab = small["labeled"]["normal"][0]
-    _copy(lab, small["root"] / "test" / "normal" / "leak.png")
+    copy_file(lab, small["root"] / "test" / "normal" / "leak.png")
     manifest, _ = build_manifest(small["root"], "cancer", 0.25, 0)
     with pytest.raises(DataError, match="leakage_policy=fail"):
         run_qc(manifest, **{**QC, "leakage_policy": "fail"})
@@ -332,7 +323,7 @@ def test_leakage_policy_fail_without_leaks_runs(small):
 
 def test_two_identical_test_images_are_a_duplicate_not_leakage(small):
     t = small["test"]["normal"][0]
-    c = _copy(t, small["root"] / "test" / "normal" / "zz.png")
+    c = copy_file(t, small["root"] / "test" / "normal" / "zz.png")
     _, r = qc(small["root"])
     assert reason_of(r, c) == "duplicate" and reason_of(r, t) is None
     assert r.stats["leaked_test_images"] == 0
@@ -340,9 +331,9 @@ def test_two_identical_test_images_are_a_duplicate_not_leakage(small):
 
 def test_same_image_under_two_labels_quarantines_every_copy(small):
     src = small["labeled"]["cancer"][3]
-    other = _copy(src, small["root"] / "labeled" / "normal" / "mislabelled.png")
-    pool = _copy(src, small["root"] / "unlabeled" / "also_here.png")
-    test = _copy(src, small["root"] / "test" / "cancer" / "and_here.png")
+    other = copy_file(src, small["root"] / "labeled" / "normal" / "mislabelled.png")
+    pool = copy_file(src, small["root"] / "unlabeled" / "also_here.png")
+    test = copy_file(src, small["root"] / "test" / "cancer" / "and_here.png")
     _, r = qc(small["root"])
     for p in (src, other, pool, test):
         assert reason_of(r, p) == "label_conflict", p
@@ -352,7 +343,7 @@ def test_same_image_under_two_labels_quarantines_every_copy(small):
 
 def test_test_copy_with_another_label_is_a_conflict(small):
     src = small["labeled"]["normal"][3]
-    t = _copy(src, small["root"] / "test" / "cancer" / "flipped.png")
+    t = copy_file(src, small["root"] / "test" / "cancer" / "flipped.png")
     _, r = qc(small["root"])
     assert reason_of(r, src) == "label_conflict" and reason_of(r, t) == "label_conflict"
 
@@ -376,7 +367,7 @@ def test_parallel_and_serial_give_identical_results(tmp_path):
     F.write_blank(u / "blank.png")
     F.write_16bit_png(u / "deep.png", seed=6)
     F.write_rgba_png(u / "rgba.png", seed=7)
-    _copy(lay["labeled"]["cancer"][0], u / "dup.png")
+    copy_file(lay["labeled"]["cancer"][0], u / "dup.png")
     manifest, serial = qc(lay["root"], workers=1)
     n_decoded = len(manifest) - int(manifest["read_error"].notna().sum())
     assert n_decoded >= 64  # enough work for the process-pool path
@@ -458,26 +449,6 @@ def test_size_outliers_vs_the_median_are_noted_or_quarantined(tmp_path):
 
 # Near duplicates: smooth images (a 6x6 random grid, bicubic) and 2x upscaled PNG copies:
 # a different file, pixel size and byte content, the same picture (pHash distance <= 2).
-
-def smooth_image(seed, size=64) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    grid = rng.integers(20, 235, (6, 6), dtype=np.uint8)
-    return Image.fromarray(grid, "L").resize((size, size), Image.Resampling.BICUBIC)
-
-
-def write_smooth(path, seed, size=64) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    smooth_image(seed, size).save(path, format="PNG")
-    return path
-
-
-def write_upscaled_copy(src, dst) -> Path:
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(src) as im:
-        im.resize((im.width * 2, im.height * 2), Image.Resampling.BICUBIC).save(dst, format="PNG")
-    return dst
 
 
 @pytest.fixture
@@ -580,7 +551,7 @@ def test_near_duplicate_under_another_label_is_a_conflict(near):
 
 
 def test_leakage_kept_is_noted_and_exact_copies_join_the_near_group(near):
-    t = _copy(near["lab"], near["root"] / "test" / "cancer" / "exact.png")
+    t = copy_file(near["lab"], near["root"] / "test" / "cancer" / "exact.png")
     up = write_upscaled_copy(near["lab"], near["root"] / "unlabeled" / "up.png")
     _, r = qc(near["root"], leakage_policy="keep")
     assert "leakage kept" in note_of(r, t)

@@ -13,8 +13,9 @@ import imagefactory as F
 import pytest
 import yaml
 from browser import dump_dom, needs_chromium
+from helpers import QC
+from imagefactory import copy_file, write_smooth, write_upscaled_copy
 from PIL import Image
-from test_qc import QC, _copy, write_smooth, write_upscaled_copy
 
 from triage.io import write_parquet
 from triage.prepare import build_manifest
@@ -73,8 +74,8 @@ def messy(tmp_path_factory):
     F.write_png_named_jpg(u / "png.jpg", seed=9005)
     # a PNG named .jpg (so it is listed with a note) whose name is markup: must come out escaped
     F.write_png_named_jpg(u / "<b onclick=x>&'y.jpg", seed=9006)
-    _copy(lay["labeled"]["cancer"][0], u / "dup.png")
-    _copy(lay["labeled"]["normal"][0], root / "test" / "normal" / "leak.png")
+    copy_file(lay["labeled"]["cancer"][0], u / "dup.png")
+    copy_file(lay["labeled"]["normal"][0], root / "test" / "normal" / "leak.png")
     src = write_smooth(root / "labeled" / "cancer" / "smooth.png", seed=9007)
     write_upscaled_copy(src, u / "near.png")
     manifest, _ = build_manifest(root, "cancer", 0.25, 0)
@@ -162,7 +163,7 @@ def test_stage_writes_outputs_and_logs_counts_not_paths(tmp_path):
     """Run stages/qc.py in a scratch working directory: outputs, metrics, report; no paths in logs."""
     lay = F.make_layout(tmp_path / "data" / "raw", n_unlabeled=3, n_test={"cancer": 2, "normal": 2})
     F.write_truncated_jpeg(lay["root"] / "unlabeled" / "secret_patient_name.jpg", seed=9100)
-    _copy(lay["labeled"]["cancer"][0], lay["root"] / "test" / "cancer" / "leaky_patient.png")
+    copy_file(lay["labeled"]["cancer"][0], lay["root"] / "test" / "cancer" / "leaky_patient.png")
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)

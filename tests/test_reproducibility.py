@@ -26,7 +26,6 @@ A knob whose CPU feature is missing (``/proc/cpuinfo`` flags, vendor) is skipped
 and so is one that only selects what this machine runs anyway (OpenBLAS's own choice of
 kernels, the core count as thread count): it would perturb nothing.
 """
-import hashlib
 import json
 import os
 import re
@@ -36,19 +35,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import _env, make_repo, run  # make_repo applies test_pipeline.TINY params
+from helpers import clone_repo, output_hashes, plain_env, run
 
 # Every variable a knob may set: removed from the "plain" environment, so a developer's own
 # OPENBLAS_CORETYPE (say) cannot turn the baseline into a perturbed run.
-KNOB_VARS = ("OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-             "ATEN_CPU_CAPABILITY", "TRIAGE_ONEDNN_ISA",
-             "NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES", "OMP_NUM_THREADS",
-             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # Stage outputs compared file by file; metrics/runtime holds wall-clock timings (not a stage
 # output: they vary run to run by design).
-OUTPUT_DIRS = ("data", "metrics", "reports")
-EXCLUDED = ("metrics/runtime/",)
 EMBEDDINGS = "data/features/embeddings.parquet"
 
 
@@ -158,13 +151,6 @@ def knob_is_default(name: str, openblas_core: str | None) -> str | None:
     if knob.env.get("OMP_NUM_THREADS") == str(len(os.sched_getaffinity(0))):
         return f"{name}: that is this machine's core count, the default thread count"
     return None
-
-
-def plain_env(tmp: Path) -> dict:
-    env = _env(tmp)
-    for var in KNOB_VARS:
-        env.pop(var, None)
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,17 +291,6 @@ if os.environ.get("TRIAGE_REPRO_KNOBS") == "single":
     COMBOS = {name: (name,) for name in KNOBS}
 
 
-def output_hashes(repo: Path) -> dict[str, str]:
-    """md5 of every file under the output folders (the stage outputs), by repo-relative path."""
-    out = {}
-    for top in OUTPUT_DIRS:
-        for path in sorted((repo / top).rglob("*")):
-            rel = path.relative_to(repo).as_posix()
-            if path.is_file() and not rel.startswith(EXCLUDED):
-                out[rel] = hashlib.md5(path.read_bytes()).hexdigest()
-    return out
-
-
 def lock_stage_diff(before: str, after: str) -> tuple[list[str], list[str]]:
     """(stages whose outs differ, stages whose deps/params only differ) between two dvc.lock."""
     a = (yaml.safe_load(before) or {}).get("stages", {})
@@ -326,13 +301,13 @@ def lock_stage_diff(before: str, after: str) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_baseline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kernels")
-    env = plain_env(tmp)
-    repo = make_repo(tmp, env)  # the project's sources, TINY params, a fresh git repo
+def pipeline_baseline(tiny_pipeline, tmp_path_factory):
+    # a copy of the session's plain run (conftest.tiny_pipeline): its lock and output hashes
+    # were taken right after that run
+    repo = clone_repo(tiny_pipeline.repo, tmp_path_factory.mktemp("kernels") / "repo")
+    env = tiny_pipeline.env
     core = probe(env, ["openblas_core"])["openblas_core"]
-    run(["dvc", "repro"], repo, env)
-    return repo, env, core, (repo / "dvc.lock").read_text(), output_hashes(repo)
+    return repo, env, core, tiny_pipeline.lock, tiny_pipeline.hashes
 
 
 @pytest.mark.parametrize("combo", list(COMBOS), ids=list(COMBOS))

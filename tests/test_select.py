@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from triage.embed import EMBED_DIM, EMBEDDING_SCHEMA
 from triage.errors import DataError
 from triage.models import make_classifier, save_model
 from triage.prepare import build_manifest
@@ -27,6 +26,7 @@ from triage.select import (
     to_label_table,
     uncertainty,
 )
+from triage.store import EMBED_DIM, EMBEDDING_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -143,7 +143,7 @@ def to_model_input(x):
     """(N, 1, H, W) float [0,1] → 3 channels, ImageNet mean/std (as the embed stage)."""
     import torch
 
-    from .embed import IMAGENET_MEAN, IMAGENET_STD
+    from .backbone import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)

@@ -15,6 +15,8 @@ s²·(1/J + n_test/n_train) instead of s²/J: the folds are not independent).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -22,9 +24,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from .models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
-from .pseudo import pseudo_label_quality, run_strategy
-
-NEEDS_CLUSTERS = ("cluster_vote", "consensus")
+from .pseudo import LABELLERS, pseudo_label_quality, run_strategy
 
 
 def fold_splits(y: np.ndarray, folds: int, repeats: int, seed: int):
@@ -61,28 +61,37 @@ def cluster_for_fold(cluster_params: dict, X_fit: np.ndarray):
     return make_clusterer(cluster_params).fit(X_fit)
 
 
+@dataclass(frozen=True)
+class FoldPseudoLabels:
+    """A fold's pseudo-labels: the accepted rows (``PSEUDO_COLUMNS``) and, aligned with
+    them, their pool vectors, labels and training sample weights."""
+
+    rows: pd.DataFrame
+    X: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray
+
+
 def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np.ndarray,
-                       ids_pool: np.ndarray, X_pool: np.ndarray):
+                       ids_pool: np.ndarray, X_pool: np.ndarray) -> FoldPseudoLabels:
     """Pseudo-labels made from these labels + the pool only: the clusterer (when the
     strategy or HDBSCAN noise needs clusters) and the pseudo-labeller are refitted here.
 
-    Returns (pseudo rows, X_ps, y_ps, w_ps). Anything scored out of fold must get its
-    pseudo-labels from this with the fold's training labels, never from the pipeline's
-    pseudo-labels (made with every label).
+    Anything scored out of fold must get its pseudo-labels from this with the fold's
+    training labels, never from the pipeline's pseudo-labels (made with every label).
     """
     p, t = params["pseudo"], params["train"]
     pool_clusters = lab_clusters = None
-    if p["strategy"] in NEEDS_CLUSTERS or params["cluster"]["method"] == "hdbscan":
+    if LABELLERS[p["strategy"]].uses_clusters or params["cluster"]["method"] == "hdbscan":
         model = cluster_for_fold(params["cluster"], np.concatenate([X_lab, X_pool]))
         lab_clusters, pool_clusters = model.labels_[: len(X_lab)], model.labels_[len(X_lab):]
-    pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, t["seed"],
-                          pool_clusters, lab_clusters, t["pseudo_weight_scale"])
+    pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, pool_clusters,
+                          lab_clusters)
     where = pd.Series(np.arange(len(ids_pool)), index=ids_pool)
     X_ps = X_pool[where.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X_pool[:0]
-    y_ps = pseudo["label"].to_numpy(dtype=object)
     w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
                           t["pseudo_weight_scale"])
-    return pseudo, X_ps, y_ps, w_ps
+    return FoldPseudoLabels(pseudo, X_ps, pseudo["label"].to_numpy(dtype=object), w_ps)
 
 
 def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: str,
@@ -104,13 +113,13 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     classes = sorted(set(y_lab.tolist()))
     records = []
     for f, (tr, va) in enumerate(splits):
-        pseudo, X_ps, y_ps, w_ps = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr],
-                                                      ids_pool, X_pool)
+        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)
+        pseudo = fold.rows
         # Guard: a pseudo-label may only name a pool image, never a labelled one.
         if not set(pseudo["id"]).isdisjoint(ids_lab):
             raise AssertionError("cross-validation leak: a labelled image was pseudo-labelled")
         base = fit_weighted(pipe, X_lab[tr], y_lab[tr])
-        semi = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], X_ps, y_ps, w_ps)
+        semi = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], fold.X, fold.y, fold.weights)
         y_va = (y_lab[va] == positive).astype(int)
         rec = {"fold": f, "repeat": f // k, "n_train": len(tr), "n_heldout": len(va),
                "n_pseudo": len(pseudo),

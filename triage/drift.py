@@ -30,8 +30,7 @@ from scipy.stats import fisher_exact, ks_2samp
 from .canonical import canonical_reducer, snap, snap_relative
 from .errors import PipelineError
 from .images import load_grey
-from .qc_report import CSS as BASE_CSS
-from .qc_report import thumbnail_uri
+from .pages import BASE_CSS, PAGE_END, density_histograms_svg, grid, page_head, table, thumbnail_html
 
 STAT_NAMES = ("mean_intensity", "contrast", "sharpness")
 
@@ -196,58 +195,21 @@ CSS = BASE_CSS + """
 .ok{background:#e8f5e9;border-left:4px solid #2e7d32;padding:8px 12px}
 .card{width:110px;border:none;text-align:center}
 """
+NUM_CLASS = " class=n"   # this page spells the numeric cell class unquoted (bytes as in dvc.lock)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return escape(str(v))
-
-
-def _table(header, rows) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
-    for r in rows:
-        out.append("<tr>" + "".join(f'<td{" class=n" if k else ""}>{_fmt(v)}</td>'
-                                    for k, v in enumerate(r)) + "</tr>")
-    return "".join(out) + "</table>"
-
-
-def hist_svg(series: dict[str, np.ndarray], lo: float, hi: float, title: str,
-             bins: int = 30, width: int = 340, height: int = 160) -> str:
-    """Density histograms (as lines) of several samples on one small inline SVG."""
-    colours = ["#7f7f7f", "#d62728", "#1f77b4"]
-    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
-    dens = {k: np.histogram(np.clip(v[np.isfinite(v)], edges[0], edges[-1]), edges)[0]
-            / max(np.isfinite(v).sum(), 1) for k, v in series.items()}
-    top = max((d.max() for d in dens.values()), default=1.0) or 1.0
-    pl, pt, pb = 8, 18, 18
-    iw, ih = width - 2 * pl, height - pt - pb
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{escape(title)}"><text x="{pl}" y="12" font-size="11">{escape(title)}</text>',
-             f'<rect x="{pl}" y="{pt}" width="{iw}" height="{ih}" fill="#fafafa" stroke="#ccc"/>',
-             f'<text x="{pl}" y="{height - 4}" font-size="9">{lo:.3g}</text>',
-             f'<text x="{width - pl}" y="{height - 4}" font-size="9" text-anchor="end">{hi:.3g}</text>']
-    for n, (name, d) in enumerate(dens.items()):
-        pts = " ".join(f"{pl + iw * (b + 0.5) / bins:.1f},{pt + ih * (1 - v / top):.1f}"
-                       for b, v in enumerate(d))
-        c = colours[n % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"/>'
-                     f'<text x="{width - pl - 4}" y="{pt + 12 + 12 * n}" font-size="10" '
-                     f'text-anchor="end" fill="{c}">{escape(name)}</text>')
-    return "".join(parts) + "</svg>"
-
-
-def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref=None,
-                stats_new=None, p_ref=None, p_new=None, typical_paths=(), qc_failed: int = 0,
-                n_files: int | None = None) -> str:
-    """Self-contained drift page (no external resources, no timestamps: deterministic)."""
+def _verdict(res: dict, batch_name: str) -> str:
     verdict = res["drift"]
-    head = (f'<div class="{"bad" if verdict else "ok"}"><b>{"Drift detected" if verdict else "No drift detected"}</b>'
+    return (f'<div class="{"bad" if verdict else "ok"}"><b>{"Drift detected" if verdict else "No drift detected"}</b>'
             f' for {escape(batch_name)} against the training pool (embedding: '
             f'{"drift" if res["embedding_drift"] else "no drift"}; image statistics: '
             f'{"drift" if res["image_stats_drift"] else "no drift"}). Predicted-positive rate '
             f'{res["positive_rate"]["batch"]:.1%} vs {res["positive_rate"]["reference"]:.1%} in the pool'
             f'{" — <b>shifted</b>" if res["prediction_shift"] else " — no significant shift"}.</div>')
+
+
+def _signal_rows(res: dict) -> list[list]:
+    """signal, statistic, p, significant: the embedding family, image statistics, prediction."""
     emb_alpha = res.get("embedding_alpha", res["alpha"] / 2)
     rows = [[f"MMD² (RBF, PCA space), permutation p (vs α/2 = {emb_alpha:.4g})", res["mmd"]["mmd2"],
              res["mmd"]["p_value"], "yes" if res["mmd"]["p_value"] < emb_alpha else "no"],
@@ -260,9 +222,11 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
     pr = res["positive_rate"]
     rows.append([f"predicted-positive rate {pr['reference']:.3f} → {pr['batch']:.3f} (Fisher exact)",
                  pr["batch"] - pr["reference"], pr["p_value"], "yes" if res["prediction_shift"] else "no"])
-    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>Drift report</title>"
-            f"<style>{CSS}</style></head><body><h1>Drift report: {escape(batch_name)}</h1>", head,
-            f"<p class='muted'>{res['n_batch']} batch images vs {res['n_reference']} pool images "
+    return rows
+
+
+def _intro(res: dict, qc_failed: int, n_files: int | None) -> list[str]:
+    body = [f"<p class='muted'>{res['n_batch']} batch images vs {res['n_reference']} pool images "
             f"(each side subsampled, seeded). Significance α = {res['alpha']} per family "
             f"(Bonferroni inside a family: the embedding family's two tests, MMD and KS, "
             f"are each compared to α/2). PCA ({len(res['pca_ks'])} components, "
@@ -275,31 +239,51 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
                     "with the whole pool.</p>")
     if n_files is not None:
         body.append(f"<p>{n_files} files in the batch, {qc_failed} failed QC (not compared).</p>")
-    body += ["<h2>Signals</h2>", _table(["signal", "statistic", "p", f"significant (α={res['alpha']})"], rows)]
+    return body
+
+
+def _charts(Z_ref, Z_new, stats_ref, stats_new, p_ref, p_new) -> list[str]:
+    """Pool vs batch histograms: first PCA components, image statistics, P(positive)."""
     charts = []
     if Z_ref is not None and Z_new is not None:
         for j in range(min(3, Z_ref.shape[1])):
             lo, hi = np.percentile(np.concatenate([Z_ref[:, j], Z_new[:, j]]), [0.5, 99.5])
-            charts.append(hist_svg({"pool": Z_ref[:, j], "batch": Z_new[:, j]}, lo, hi, f"PCA component {j + 1}"))
+            charts.append(density_histograms_svg({"pool": Z_ref[:, j], "batch": Z_new[:, j]}, lo, hi,
+                                                 f"PCA component {j + 1}"))
     if stats_ref is not None and stats_new is not None:
         for j, name in enumerate(STAT_NAMES):
             both = np.concatenate([stats_ref[:, j], stats_new[:, j]])
             both = both[np.isfinite(both)]
             if len(both):
                 lo, hi = np.percentile(both, [0.5, 99.5])
-                charts.append(hist_svg({"pool": stats_ref[:, j], "batch": stats_new[:, j]}, lo, hi, name))
+                charts.append(density_histograms_svg({"pool": stats_ref[:, j], "batch": stats_new[:, j]},
+                                                     lo, hi, name))
     if p_ref is not None and p_new is not None:
-        charts.append(hist_svg({"pool": p_ref, "batch": p_new}, 0.0, 1.0, "P(positive)"))
+        charts.append(density_histograms_svg({"pool": p_ref, "batch": p_new}, 0.0, 1.0, "P(positive)"))
+    return charts
+
+
+def _typical(typical_paths) -> list[str]:
+    cards = [f'<div class="card">{thumbnail_html(p, missing="<div>no preview</div>")}</div>'
+             for p in typical_paths]
+    return ["<h2>Batch images most unlike the pool</h2>",
+            "<p class='muted'>Largest MMD witness values: where the batch differs most.</p>",
+            grid(cards)]
+
+
+def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref=None,
+                stats_new=None, p_ref=None, p_new=None, typical_paths=(), qc_failed: int = 0,
+                n_files: int | None = None) -> str:
+    """Self-contained drift page (no external resources, no timestamps: deterministic)."""
+    body = [page_head("Drift report", CSS) + f"<h1>Drift report: {escape(batch_name)}</h1>",
+            _verdict(res, batch_name)]
+    body += _intro(res, qc_failed, n_files)
+    body += ["<h2>Signals</h2>", table(["signal", "statistic", "p", f"significant (α={res['alpha']})"],
+                                       _signal_rows(res), num_class=NUM_CLASS)]
+    charts = _charts(Z_ref, Z_new, stats_ref, stats_new, p_ref, p_new)
     if charts:
-        body += ["<h2>Distributions (pool grey, batch red)</h2>", '<div class="grid">' + "".join(charts) + "</div>"]
+        body += ["<h2>Distributions (pool grey, batch red)</h2>", grid(charts)]
     if typical_paths:
-        cards = []
-        for p in typical_paths:
-            uri = thumbnail_uri(p)
-            img = f'<img src="{uri}" alt="">' if uri else "<div>no preview</div>"
-            cards.append(f'<div class="card">{img}</div>')
-        body += ["<h2>Batch images most unlike the pool</h2>",
-                 "<p class='muted'>Largest MMD witness values: where the batch differs most.</p>",
-                 '<div class="grid">' + "".join(cards) + "</div>"]
-    body.append("<p class='muted'>Embeds images: a DVC output, never committed to git.</p></body></html>")
+        body += _typical(typical_paths)
+    body.append("<p class='muted'>Embeds images: a DVC output, never committed to git.</p>" + PAGE_END)
     return "\n".join(body)

@@ -23,10 +23,8 @@ never read before the final model is fixed and is used for prediction only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,13 +33,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import PipelineError
+from .torch_utils import deterministic, load_images, resolve_device
 
-OUT_DIR = Path("data/finetune")
-MODEL_FILE = "model.pt"
-PREDICTIONS_FILE = "predictions.parquet"
-SUMMARY_FILE = "summary.json"
-DISABLED_FILE = "disabled.json"
-TRAIN_SPLITS = ("labeled", "unlabeled")
 PREPROCESS = ("grey(L) -> resize {s}x{s} bilinear -> [0,1] -> 3ch -> imagenet mean/std")
 
 
@@ -72,44 +65,6 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in section.items() if k in names})
 
 
-# --------------------------------------------------------------------------- determinism
-@contextlib.contextmanager
-def deterministic(seed: int, threads: int, device: str = "cpu"):
-    """Seeded, deterministic torch for the block; restores the global settings after."""
-    import torch
-
-    if device == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_threads = torch.get_num_threads()
-    prev_cudnn = torch.backends.cudnn.benchmark
-    torch.manual_seed(seed)
-    # Some CUDA backward kernels (adaptive pooling) have no deterministic variant: warn
-    # there instead of failing; on CPU everything used here is deterministic.
-    torch.use_deterministic_algorithms(True, warn_only=device == "cuda")
-    torch.backends.cudnn.benchmark = False
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-        torch.set_num_threads(prev_threads)
-        torch.backends.cudnn.benchmark = prev_cudnn
-
-
-def load_images(paths: list[str], size: int):
-    """(N, 1, size, size) uint8 tensor, decoded as everywhere else (triage.images)."""
-    import torch
-
-    from .images import load_grey
-
-    arr = np.zeros((len(paths), 1, size, size), np.uint8)
-    for i, p in enumerate(paths):
-        arr[i, 0] = np.asarray(load_grey(p, size), dtype=np.uint8)
-    return torch.from_numpy(arr)
-
-
 # --------------------------------------------------------------------------- FixMatch parts
 def align_distribution(probs, prior, running_mean):
     """ReMixMatch distribution alignment: p * prior / E[p], renormalised per row."""
@@ -137,7 +92,7 @@ def build_classifier(weights: str, *, seed: int, weights_sha256: str | None = No
     """ResNet18 from ``weights`` (random | imagenet | ssl | path) with a fresh linear head."""
     import torch
 
-    from .embed import build_backbone
+    from .backbone import build_backbone
 
     model, info = build_backbone(weights, seed=seed, weights_sha256=weights_sha256)
     torch.manual_seed(seed + 1)
@@ -281,10 +236,9 @@ def run_finetune(rows: pd.DataFrame, cfg: FinetuneConfig, positive: str,
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from .embed import resolve_device
     from .metrics import threshold_for_sensitivity
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "finetune.device")
     lab, pool = training_rows(rows)
     y = (lab["label"] == positive).astype(int).to_numpy()
     if len(lab) < 2 * cfg.cv_folds or y.min() == y.max() or min(y.sum(), len(y) - y.sum()) < cfg.cv_folds:
@@ -338,21 +292,6 @@ def model_bundle(result: dict, cfg: FinetuneConfig, positive: str, negative: str
             "config": json.dumps(asdict(cfg), sort_keys=True)}
 
 
-def save_checkpoint(obj, path: str | Path) -> None:
-    """``torch.save`` atomically and byte-stable: torch names the zip records after the
-    file, so saving straight to a temp file would put its random name in the bytes."""
-    import io
-
-    import torch
-
-    from .io import atomic_path
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def load_finetuned(path: str | Path):
     """(model in eval mode, bundle) from a model.pt written by the finetune stage."""
     import torch
@@ -363,32 +302,3 @@ def load_finetuned(path: str | Path):
     model.fc = torch.nn.Linear(512, len(bundle["classes"]))
     model.load_state_dict(bundle["state_dict"])
     return model.eval(), bundle
-
-
-# --------------------------------------------------------------------------- evaluate side
-def read_finetune_predictions(out_dir: str | Path = OUT_DIR) -> pd.DataFrame | None:
-    """The finetune stage's predictions, or None when the stage ran disabled (or, outside
-    DVC, never ran: its folder is absent)."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists() or ((out_dir / DISABLED_FILE).is_file()
-                                and not (out_dir / PREDICTIONS_FILE).is_file()):
-        return None
-    path = out_dir / PREDICTIONS_FILE
-    if not path.is_file():
-        raise PipelineError(f"finetune output missing: {path} (run `dvc repro finetune`)")
-    return pd.read_parquet(path)
-
-
-def finetuned_scores(preds: pd.DataFrame, test_ids, positive: str, target_sensitivity: float):
-    """(test probabilities aligned to ``test_ids``, threshold from the labelled OOF scores)."""
-    from .metrics import threshold_for_sensitivity
-
-    oof = preds[preds["kind"] == "oof"]
-    y_oof = (oof["label"] == positive).astype(int).to_numpy()
-    threshold = threshold_for_sensitivity(y_oof, oof["proba"].to_numpy(), target_sensitivity)
-    test = preds[preds["kind"] == "test"].set_index("id")["proba"]
-    missing = [i for i in test_ids if i not in test.index]
-    if missing:
-        raise PipelineError(f"finetune predictions lack {len(missing)} test images (e.g. "
-                            f"{missing[0]}): run `dvc repro finetune`")
-    return test.loc[list(test_ids)].to_numpy(dtype=float), float(threshold)

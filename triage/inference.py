@@ -21,7 +21,8 @@ from .embed import CANONICAL_CPU, Embedder
 from .errors import PipelineError
 from .io import log
 from .prepare import describe_file, list_files
-from .qc import inspect_image
+from .qc import Measured, check_image, inspect_image  # the qc stage's own rules: no train/serve skew
+from .store import read_fingerprint
 
 PREDICTION_COLUMNS = ["id", "path", "probability", "decision", "needs_review", "qc_status",
                       "qc_detail"]
@@ -79,11 +80,8 @@ def stored_fingerprint(embeddings_path: str | Path | None) -> dict:
     """The full fingerprint dict of the training embeddings (Parquet schema metadata)."""
     if embeddings_path is None or not Path(embeddings_path).is_file():
         return {}
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(embeddings_path).metadata or {}
     try:
-        return json.loads(meta.get(b"embedding_fingerprint", b"{}"))
+        return read_fingerprint(embeddings_path)
     except json.JSONDecodeError:
         return {}
 
@@ -142,10 +140,12 @@ def build_embedder(expected: str, embed_params: dict, stored: dict | None = None
 
 # --------------------------------------------------------------------------- QC
 def qc_image(path: str | Path, qc: dict) -> dict:
-    """QC of one new image with the pipeline's per-image checks (no duplicate checks).
+    """QC of one new image with the qc stage's per-image checks (no duplicate checks).
 
-    Returns id (sha256 or None), status ('ok' or the quarantine reason), detail,
-    mean and std (0-255 greyscale) and sharpness (mean |Laplacian|, for drift).
+    The same scan, decode and ``triage.qc.IMAGE_RULES`` as the qc stage, so an image gets
+    the reason and detail text it would get in data/qc/quarantine.csv. Returns id (sha256
+    or None), qc_status ('ok' or the quarantine reason), qc_detail, mean and std (0-255
+    greyscale), width and height.
     """
     info = describe_file(Path(path))
     out = {"id": info["id"], "qc_status": "ok", "qc_detail": None, "mean": np.nan,
@@ -162,15 +162,10 @@ def qc_image(path: str | Path, qc: dict) -> dict:
     res = inspect_image(str(path), qc["max_pixels"], qc.get("convert_modes", True))
     if res["decode_error"]:
         return fail(res["decode_error"].split(":")[0], res["decode_error"])
-    w, h = int(info["width"]), int(info["height"])
+
     out["mean"], out["std"] = res["mean"], res["std"]
-    if min(w, h) < qc["min_side"]:
-        return fail("too_small", f"{w}x{h} < qc.min_side={qc['min_side']}")
-    if max(w, h) / max(min(w, h), 1) > qc["max_aspect"]:
-        return fail("aspect_outlier", f"{max(w, h) / max(min(w, h), 1):.2f} > qc.max_aspect={qc['max_aspect']}")
-    if res["std"] < qc["min_std"]:
-        return fail("blank", f"pixel std {res['std']:.3f} < qc.min_std={qc['min_std']}")
-    return out
+    failed = check_image(Measured(int(info["width"]), int(info["height"]), res["std"]), qc)
+    return fail(*failed) if failed else out
 
 
 # --------------------------------------------------------------------------- predictor
@@ -202,9 +197,15 @@ class Predictor:
 
         return positive_proba(self.bundle["model"], X, self.positive)
 
-    def predict_paths(self, paths: list[str], shown_paths: list[str] | None = None,
-                      return_vectors: bool = False):
+    def predict_paths(self, paths: list[str], shown_paths: list[str] | None = None) -> pd.DataFrame:
         """QC → embed (QC-passed only) → probability, decision, needs_review per image."""
+        frame, _ = self.predict_paths_with_vectors(paths, shown_paths)
+        return frame
+
+    def predict_paths_with_vectors(self, paths: list[str], shown_paths: list[str] | None = None
+                                   ) -> tuple[pd.DataFrame, np.ndarray]:
+        """``predict_paths`` and the embeddings it scored: one row of the vectors per
+        QC-passed image (``qc_status == "ok"``), in the order of the frame."""
         shown = list(shown_paths) if shown_paths is not None else [str(p) for p in paths]
         qc = [qc_image(p, self.qc) for p in paths]
         ok = np.array([q["qc_status"] == "ok" for q in qc], dtype=bool)
@@ -226,9 +227,7 @@ class Predictor:
         df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
         log.info("predict: %d images, %d passed QC, %d need review", len(df), int(ok.sum()),
                  int(df["needs_review"].sum()))
-        if return_vectors:
-            return df, X, ok, qc
-        return df
+        return df, X
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -20,8 +20,6 @@ from .errors import PipelineError
 
 log = logging.getLogger("triage")
 
-LABEL_UNKNOWN = None  # label value for unlabelled images (null in Parquet)
-SPLITS = ("labeled", "unlabeled", "test")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -88,11 +86,6 @@ def read_parquet(path: str | Path, what: str = "table") -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path} (run the upstream stage: `dvc repro`)")
     return pq.read_table(path).to_pandas()
-
-
-def parquet_metadata(path: str | Path) -> dict[str, str]:
-    meta = pq.read_schema(path).metadata or {}
-    return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"pandas")}
 
 
 def write_json(obj, path: str | Path) -> None:

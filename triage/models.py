@@ -6,8 +6,10 @@ allowlist, so opening a model file cannot execute arbitrary code (unlike pickle)
 
 from __future__ import annotations
 
+import importlib.abc
 import io
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from .canonical import canonical_fit, logistic_regression, snap_relative
 from .errors import PipelineError
 from .io import atomic_path
 
-# Types a model file may contain beyond skops' defaults (numpy/builtins are trusted).
+# Types a model file may contain beyond skops' defaults (numpy/builtins are trusted): the
+# classifiers of make_classifier, nothing else (tests/test_models.py keeps it minimal).
 TRUSTED_TYPES = [
     "sklearn.pipeline.Pipeline",
     "sklearn.preprocessing._data.StandardScaler",
@@ -35,17 +38,11 @@ TRUSTED_TYPES = [
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.decomposition._pca.PCA",
-    "sklearn.cluster._kmeans.KMeans",
-    "triage.cluster.PoolClusterer",
-    "triage.canonical.CanonicalPipeline",
     "sklearn.neighbors._classification.KNeighborsClassifier",
     "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
     "sklearn.ensemble._forest.RandomForestClassifier",
     "sklearn.tree._classes.DecisionTreeClassifier",
     "sklearn.tree._tree.Tree",
-    "sklearn.utils._bunch.Bunch",
     "numpy.dtype",
     "numpy.ndarray",
     "builtins.slice",
@@ -193,10 +190,41 @@ def _canonical_skops(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+class _TorchHidden(importlib.abc.MetaPathFinder):
+    """Makes ``import torch`` fail (ModuleNotFoundError) while it is on sys.meta_path."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"torch hidden while skops builds its type list: {name}")
+        return None
+
+
+def skops_io():
+    """``skops.io``, imported lazily and without pulling in torch.
+
+    Importing skops builds its trusted-type list with ``sklearn.utils.all_estimators()``,
+    which imports every sklearn package, including the array-API shim for torch
+    (``sklearn.externals.array_api_compat.torch``): that alone costs ~1 s and ~600 MB RSS
+    in stages that never touch a tensor. The walk skips packages that fail to import and
+    the shim holds no estimator, so torch is hidden for the import only: the type list is
+    the same (tests/test_models.py) and torch imports normally afterwards.
+    """
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io as sio
+
+        return sio
+    hidden = _TorchHidden()
+    sys.meta_path.insert(0, hidden)
+    try:
+        import skops.io as sio
+    finally:
+        sys.meta_path.remove(hidden)
+    return sio
+
+
 def save_model(bundle: dict, path: str | Path) -> None:
     """Save {'model': Pipeline, ...plain metadata...} with skops, atomically and byte-stable."""
-    import skops.io as sio  # lazy: importing skops scans all of sklearn (seconds)
-
+    sio = skops_io()
     with atomic_path(path) as tmp:
         tmp.write_bytes(_canonical_skops(sio.dumps(bundle)))
 
@@ -206,7 +234,7 @@ def load_model(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"model not found: {path} (run `dvc repro train`)")
-    import skops.io as sio
+    sio = skops_io()
 
     try:
         flagged = set(sio.get_untrusted_types(file=path))

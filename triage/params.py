@@ -125,8 +125,13 @@ SCHEMA: dict[str, Any] = {
         "pca_components": Spec(INT, min=2),
         "n_neighbors": Spec(INT, min=1),
         "spreading_alpha": Spec(NUM, min=0.0, max=0.999),
-        "cv_folds": Spec(INT, min=2, max=20),
-        "cv_repeats": Spec(INT, min=1, max=50),
+        "round_weight": Spec(NUM, min=0.0),
+        "seed": Spec(INT, min=0),
+    },
+    "crossval": {
+        "folds": Spec(INT, min=2, max=20),
+        "repeats": Spec(INT, min=1, max=50),
+        "seed": Spec(INT, min=0),
     },
     "train": {
         "model": Spec(STR, choices=("logreg", "svm", "knn", "random_forest")),

@@ -74,7 +74,7 @@ def pretrain_backbone(x, cfg: PretrainConfig, *, ids=None, device: str = "cpu",
     import torch
 
     from .augment import simclr_view, to_model_input
-    from .embed import build_backbone
+    from .backbone import build_backbone
 
     if len(x) < 2:
         raise PipelineError("pretrain: needs at least 2 images")
@@ -119,11 +119,10 @@ def pretrain_backbone(x, cfg: PretrainConfig, *, ids=None, device: str = "cpu",
 def run_pretrain(rows: pd.DataFrame, cfg: PretrainConfig, *, loader: Callable | None = None,
                  log: Callable | None = None) -> dict:
     """Select the rows, load the images, pretrain deterministically."""
-    from .embed import resolve_device
-    from .finetune import deterministic, load_images
+    from .torch_utils import deterministic, load_images, resolve_device
 
     loader = loader or load_images
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "pretrain.device")
     use = pretrain_rows(rows, cfg.max_images, cfg.seed)
     with deterministic(cfg.seed, cfg.threads, device):
         x = loader(use["path"].tolist(), cfg.image_size)

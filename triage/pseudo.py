@@ -17,6 +17,10 @@ Strategies (``pseudo.strategy``):
 - ``consensus``: ``self_training`` and ``label_spreading`` (and ``cluster_vote`` when
   clusters are given); accepted only where at least two agree.
 
+Every labeller has one interface (``PseudoLabeler``): ``from_params(p, positive)`` builds
+it from the ``pseudo.*`` params, ``fit_predict(PoolData)`` labels the pool. ``LABELLERS``
+maps each ``pseudo.strategy`` choice to its labeller; ``run_strategy`` looks one up.
+
 Class-prior control: the pool's class prior is ``pseudo.class_prior`` (the positive
 share) when given, else estimated from the labelled classifier's calibrated pool
 probabilities by EM (Saerens, Latinne & Decaestecker 2002). Posteriors are re-weighted to
@@ -26,16 +30,23 @@ pseudo-labels cannot drift to one class.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .canonical import canonical_fit, canonical_reducer, logistic_regression, snap_relative
+from .params import SCHEMA
 
 PSEUDO_COLUMNS = ["id", "label", "confidence", "strategy"]
-STRATEGIES = ("cluster_vote", "confidence", "self_training", "label_spreading", "consensus")
+# the ``pseudo.strategy`` choices, declared once in the params schema; ``LABELLERS`` (below)
+# has one labeller per choice
+STRATEGIES = SCHEMA["pseudo"]["strategy"].choices
 
 
 def empty_pseudo() -> pd.DataFrame:
@@ -138,20 +149,12 @@ def _binary(y_lab, positive: str) -> tuple[np.ndarray, str]:
     return (y_lab == positive).astype(int), negative
 
 
-def reducer(n_components: int, seed: int) -> Pipeline:
-    return canonical_reducer(n_components, seed)
-
-
 def fit_space(X_lab, X_pool, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Scaler + PCA fitted on labelled + pool (no labels used): the strategies' feature space."""
     X_all = np.concatenate([X_lab, X_pool]).astype(np.float64)
     n_comp = int(max(1, min(n_components, X_all.shape[0] - 1, X_all.shape[1])))
-    Z = reducer(n_comp, seed).fit_transform(X_all)
+    Z = canonical_reducer(n_comp, seed).fit_transform(X_all)
     return Z[: len(X_lab)], Z[len(X_lab):]
-
-
-def _logreg(C: float, seed: int):
-    return logistic_regression(C, "balanced", seed)
 
 
 def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int = 5,
@@ -164,7 +167,8 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
 
     def fit(Z, y, w):
         scale = StandardScaler().fit(Z)
-        clf = canonical_fit(_logreg(C, seed).fit(scale.transform(Z), y, sample_weight=w))
+        clf = canonical_fit(logistic_regression(C, "balanced", seed).fit(scale.transform(Z), y,
+                                                                          sample_weight=w))
         return lambda A: clf.decision_function(scale.transform(A))
 
     def train_set(idx):
@@ -201,7 +205,47 @@ def pool_prior(Z_lab, y_lab, Z_pool, C: float, seed: int, given: float | None) -
 # --------------------------------------------------------------------------- strategies
 
 
-class ClusterVotePseudoLabeler:
+@dataclass(frozen=True)
+class PoolData:
+    """What every labeller reads: the pool (ids, vectors), the labelled set (vectors,
+    labels) and, when the pool was clustered, both sides' cluster ids (HDBSCAN noise = -1).
+    """
+
+    pool_ids: Any
+    X_pool: np.ndarray
+    X_lab: np.ndarray
+    y_lab: Any
+    pool_clusters: np.ndarray | None = None
+    lab_clusters: np.ndarray | None = None
+
+    @property
+    def has_clusters(self) -> bool:
+        return self.pool_clusters is not None and self.lab_clusters is not None
+
+    @property
+    def allowed(self) -> np.ndarray | None:
+        """Pool points that may be labelled: all but HDBSCAN noise (None = no clusters)."""
+        return None if self.pool_clusters is None else np.asarray(self.pool_clusters) >= 0
+
+
+class PseudoLabeler(ABC):
+    """The one interface of the labellers: built from the ``pseudo.*`` params, then
+    ``fit_predict(PoolData)`` → accepted rows (``PSEUDO_COLUMNS``)."""
+
+    name: str  # its ``pseudo.strategy`` choice (the key in ``LABELLERS``)
+    uses_clusters = False  # needs (or, in consensus, can use) the pool's cluster ids
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, p: dict, positive: str) -> PseudoLabeler:
+        """Built from the ``pseudo.*`` params ``p`` (seed ``p['seed']``)."""
+
+    @abstractmethod
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
+        """The accepted pool images: ``PSEUDO_COLUMNS``, sorted by id."""
+
+
+class ClusterVotePseudoLabeler(PseudoLabeler):
     """Label a pool image with the majority label of the labelled points in its cluster.
 
     Only clusters with at least ``min_support`` labelled points and purity ≥
@@ -211,13 +255,20 @@ class ClusterVotePseudoLabeler:
     """
 
     name = "cluster_vote"
+    uses_clusters = True
 
     def __init__(self, min_purity: float = 0.8, min_support: int = 3, balance_classes: bool = False):
         self.min_purity, self.min_support = min_purity, min_support
         self.balance_classes = balance_classes
 
-    def fit_predict(self, pool_ids, pool_clusters, labeled_clusters, labeled_y) -> pd.DataFrame:
-        lab = pd.DataFrame({"cluster": np.asarray(labeled_clusters), "y": np.asarray(labeled_y)})
+    @classmethod
+    def from_params(cls, p: dict, positive: str) -> ClusterVotePseudoLabeler:
+        return cls(p["min_purity"], p["min_support"], p["balance_classes"])
+
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
+        if not data.has_clusters:
+            raise ValueError("cluster_vote needs cluster assignments")
+        lab = pd.DataFrame({"cluster": np.asarray(data.lab_clusters), "y": np.asarray(data.y_lab)})
         votes = {}
         for c, g in lab.groupby("cluster"):
             if c < 0:  # noise
@@ -229,14 +280,14 @@ class ClusterVotePseudoLabeler:
             if top is None or n < self.min_support or purity < self.min_purity:
                 continue
             votes[c] = (top, (counts.iloc[0] + 1) / (n + 2))
-        rows = [(i, *votes[c]) for i, c in zip(pool_ids, pool_clusters) if c in votes]
+        rows = [(i, *votes[c]) for i, c in zip(data.pool_ids, data.pool_clusters) if c in votes]
         out = pd.DataFrame(rows, columns=["id", "label", "confidence"])
         if self.balance_classes:
             out = _balance(out)
         return _finish(out, self.name)
 
 
-class ConfidencePseudoLabeler:
+class ConfidencePseudoLabeler(PseudoLabeler):
     """Accept pool images a classifier fitted on the labelled set is confident about."""
 
     name = "confidence"
@@ -246,20 +297,25 @@ class ConfidencePseudoLabeler:
         self.threshold, self.C = threshold, C
         self.balance_classes, self.random_state = balance_classes, random_state
 
-    def fit_predict(self, pool_ids, X_pool, X_labeled, labeled_y, allowed=None) -> pd.DataFrame:
-        """``allowed`` masks out pool points never to label (HDBSCAN noise), before any
-        class balancing so that the balance holds in what is returned."""
+    @classmethod
+    def from_params(cls, p: dict, positive: str) -> ConfidencePseudoLabeler:
+        return cls(p["confidence_threshold"], p["C"], p["balance_classes"], random_state=p["seed"])
+
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
+        """HDBSCAN noise (``data.allowed``) is masked out before any class balancing, so
+        that the balance holds in what is returned."""
+        X_pool = data.X_pool
         clf = make_pipeline(StandardScaler(), logistic_regression(
             self.C, "balanced", self.random_state))
-        canonical_fit(clf.fit(np.asarray(X_labeled, np.float64), labeled_y))
+        canonical_fit(clf.fit(np.asarray(data.X_lab, np.float64), data.y_lab))
         proba = (snap_relative(clf.predict_proba(np.asarray(X_pool, np.float64))) if len(X_pool)
                  else np.zeros((0, len(clf.classes_))))
         best = proba.argmax(axis=1) if len(proba) else np.zeros(0, int)
         conf = proba.max(axis=1) if len(proba) else np.zeros(0)
         keep = conf >= self.threshold
-        if allowed is not None:
-            keep &= np.asarray(allowed, bool)
-        out = pd.DataFrame({"id": np.asarray(pool_ids)[keep],
+        if data.allowed is not None:
+            keep &= data.allowed
+        out = pd.DataFrame({"id": np.asarray(data.pool_ids)[keep],
                             "label": clf.classes_[best[keep]],
                             "confidence": conf[keep]})
         if self.balance_classes:
@@ -267,11 +323,11 @@ class ConfidencePseudoLabeler:
         return _finish(out, self.name)
 
 
-class SelfTrainingPseudoLabeler:
+class SelfTrainingPseudoLabeler(PseudoLabeler):
     """Iterative self-training with calibrated confidence and per-class quotas.
 
     Round r (1..rounds): fit on labelled + accepted pseudo-labels (weighted by
-    confidence × ``pseudo_weight``), Platt-calibrate on out-of-fold labelled scores,
+    confidence × ``round_weight``), Platt-calibrate on out-of-fold labelled scores,
     re-weight to the pool prior, then accept in each class the most probable pool points
     (P ≥ ``threshold``) up to ``quota(class) × r / rounds``. Accepted labels are re-chosen
     each round from the refitted model (a point can change class or drop out).
@@ -281,19 +337,24 @@ class SelfTrainingPseudoLabeler:
 
     def __init__(self, positive: str, rounds: int = 3, max_fraction: float = 0.5,
                  threshold: float = 0.5, C: float = 0.03, pca_components: int = 64,
-                 class_prior: float | None = None, pseudo_weight: float = 0.5,
+                 class_prior: float | None = None, round_weight: float = 0.5,
                  random_state: int = 0):
         self.positive, self.rounds, self.max_fraction = positive, rounds, max_fraction
         self.threshold, self.C, self.pca_components = threshold, C, pca_components
-        self.class_prior, self.pseudo_weight = class_prior, pseudo_weight
+        self.class_prior, self.round_weight = class_prior, round_weight
         self.random_state = random_state
 
-    def fit_predict(self, pool_ids, X_pool, X_lab, y_lab, allowed=None) -> pd.DataFrame:
-        pool_ids = np.asarray(pool_ids, dtype=object)
+    @classmethod
+    def from_params(cls, p: dict, positive: str) -> SelfTrainingPseudoLabeler:
+        return cls(positive, p["rounds"], p["max_fraction"], p["min_confidence"], p["C"],
+                   p["pca_components"], p.get("class_prior"), p["round_weight"], p["seed"])
+
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
+        pool_ids = np.asarray(data.pool_ids, dtype=object)
         if len(pool_ids) == 0:
             return empty_pseudo()
-        y, negative = _binary(y_lab, self.positive)
-        Z_lab, Z_pool = fit_space(X_lab, X_pool, self.pca_components, self.random_state)
+        y, negative = _binary(data.y_lab, self.positive)
+        Z_lab, Z_pool = fit_space(data.X_lab, data.X_pool, self.pca_components, self.random_state)
         p_pool, _ = calibrated_pool_proba(Z_lab, y, Z_pool, self.C, self.random_state)
         if np.all(p_pool == 0.5):  # no signal in the labels' classifier: label nothing
             self.prior_ = float(self.class_prior) if self.class_prior is not None else 0.5
@@ -310,17 +371,17 @@ class SelfTrainingPseudoLabeler:
                 p_pool, _ = calibrated_pool_proba(
                     Z_lab, y, Z_pool, self.C, self.random_state,
                     Z_ps=Z_pool[take], y_ps=(out["label"] == self.positive).to_numpy(int),
-                    w_ps=out["confidence"].to_numpy(float) * self.pseudo_weight)
+                    w_ps=out["confidence"].to_numpy(float) * self.round_weight)
             p_adj = adjust_to_prior(p_pool, 0.5, prior)
             grow = {c: int(np.floor(q * r / self.rounds)) for c, q in quotas.items()}
             out = select_with_quotas(pool_ids, p_adj, grow, self.positive, negative,
-                                     self.threshold, allowed)
+                                     self.threshold, data.allowed)
             if out.empty:
                 break
         return _finish(out, self.name)
 
 
-class LabelSpreadingPseudoLabeler:
+class LabelSpreadingPseudoLabeler(PseudoLabeler):
     """``LabelSpreading`` (kNN graph) on labelled + pool points in a PCA space, with quotas.
 
     Label distributions are read as P(class) under the labelled set's 50/50 prior,
@@ -339,14 +400,20 @@ class LabelSpreadingPseudoLabeler:
         self.pca_components, self.class_prior = pca_components, class_prior
         self.random_state = random_state
 
-    def fit_predict(self, pool_ids, X_pool, X_lab, y_lab, allowed=None) -> pd.DataFrame:
+    @classmethod
+    def from_params(cls, p: dict, positive: str) -> LabelSpreadingPseudoLabeler:
+        return cls(positive, p["n_neighbors"], p["spreading_alpha"], p["max_fraction"],
+                   p["min_confidence"], p["C"], p["pca_components"], p.get("class_prior"),
+                   p["seed"])
+
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
         from sklearn.semi_supervised import LabelSpreading
 
-        pool_ids = np.asarray(pool_ids, dtype=object)
+        pool_ids = np.asarray(data.pool_ids, dtype=object)
         if len(pool_ids) == 0:
             return empty_pseudo()
-        y, negative = _binary(y_lab, self.positive)
-        Z_lab, Z_pool = fit_space(X_lab, X_pool, self.pca_components, self.random_state)
+        y, negative = _binary(data.y_lab, self.positive)
+        Z_lab, Z_pool = fit_space(data.X_lab, data.X_pool, self.pca_components, self.random_state)
         Z = np.concatenate([Z_lab, Z_pool])
         target = np.r_[y, -np.ones(len(Z_pool), int)]
         k = int(min(self.n_neighbors, len(Z) - 1))
@@ -362,13 +429,12 @@ class LabelSpreadingPseudoLabeler:
         with np.errstate(invalid="ignore"):
             p = dist[:, col] / dist.sum(axis=1)
         p = np.nan_to_num(p, nan=0.5)  # points the graph never reached
-        prior = (self.class_prior if self.class_prior is not None else
-                 pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, None))
+        prior = pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, self.class_prior)
         self.prior_ = float(prior)
         p_adj = adjust_to_prior(p, 0.5, prior)
         quotas = class_quotas(len(pool_ids), prior, self.max_fraction, self.positive, negative)
         out = select_with_quotas(pool_ids, p_adj, quotas, self.positive, negative,
-                                 self.threshold, allowed)
+                                 self.threshold, data.allowed)
         return _finish(out, self.name)
 
 
@@ -387,46 +453,46 @@ def consensus(results: list[pd.DataFrame], min_agree: int = 2) -> pd.DataFrame:
     return _finish(out[["id", "label", "confidence"]], "consensus")
 
 
-def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab, seed: int,
-                 pool_clusters=None, lab_clusters=None, pseudo_weight: float = 0.5) -> pd.DataFrame:
-    """Dispatch on ``p['strategy']`` with the ``pseudo.*`` params; the one entry point the
-    stage and the cross-validation share. ``pool_clusters`` (needed by cluster_vote, used
-    by the others to exclude HDBSCAN noise, cluster -1)."""
-    strategy = p["strategy"]
-    allowed = None if pool_clusters is None else np.asarray(pool_clusters) >= 0
-    prior = p.get("class_prior")
-    st = lambda: SelfTrainingPseudoLabeler(  # noqa: E731
-        positive, p["rounds"], p["max_fraction"], p["min_confidence"], p["C"],
-        p["pca_components"], prior, pseudo_weight, seed).fit_predict(
-        pool_ids, X_pool, X_lab, y_lab, allowed)
-    ls = lambda: LabelSpreadingPseudoLabeler(  # noqa: E731
-        positive, p["n_neighbors"], p["spreading_alpha"], p["max_fraction"],
-        p["min_confidence"], p["C"], p["pca_components"], prior, seed).fit_predict(
-        pool_ids, X_pool, X_lab, y_lab, allowed)
+class ConsensusPseudoLabeler(PseudoLabeler):
+    """Its members' labels where at least ``min_agree`` of them agree (``consensus``).
+    A member that uses clusters (cluster_vote) takes part only when the pool was clustered.
+    """
 
-    def cv():
-        if pool_clusters is None or lab_clusters is None:
-            raise ValueError("cluster_vote needs cluster assignments")
-        return ClusterVotePseudoLabeler(p["min_purity"], p["min_support"],
-                                        p["balance_classes"]).fit_predict(
-            pool_ids, pool_clusters, lab_clusters, y_lab)
+    name = "consensus"
+    uses_clusters = True
+    MEMBERS = (SelfTrainingPseudoLabeler, LabelSpreadingPseudoLabeler, ClusterVotePseudoLabeler)
 
-    if strategy == "cluster_vote":
-        return cv()
-    if strategy == "confidence":
-        return ConfidencePseudoLabeler(p["confidence_threshold"], p["C"], p["balance_classes"],
-                                       random_state=seed).fit_predict(pool_ids, X_pool, X_lab,
-                                                                      y_lab, allowed)
-    if strategy == "self_training":
-        return st()
-    if strategy == "label_spreading":
-        return ls()
-    if strategy == "consensus":
-        members = [st(), ls()]
-        if pool_clusters is not None and lab_clusters is not None:
-            members.append(cv())
-        return consensus(members, 2)
-    raise ValueError(f"unknown pseudo.strategy {strategy!r}")
+    def __init__(self, members: list[PseudoLabeler], min_agree: int = 2):
+        self.members, self.min_agree = list(members), min_agree
+
+    @classmethod
+    def from_params(cls, p: dict, positive: str) -> ConsensusPseudoLabeler:
+        return cls([member.from_params(p, positive) for member in cls.MEMBERS])
+
+    def fit_predict(self, data: PoolData) -> pd.DataFrame:
+        return consensus([m.fit_predict(data) for m in self.members
+                          if data.has_clusters or not m.uses_clusters], self.min_agree)
+
+
+LABELLERS: dict[str, type[PseudoLabeler]] = {
+    labeller.name: labeller
+    for labeller in (ClusterVotePseudoLabeler, ConfidencePseudoLabeler, SelfTrainingPseudoLabeler,
+                     LabelSpreadingPseudoLabeler, ConsensusPseudoLabeler)
+}
+
+
+def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab,
+                 pool_clusters=None, lab_clusters=None) -> pd.DataFrame:
+    """The labeller ``p['strategy']`` built from the ``pseudo.*`` params ``p`` (seed
+    ``p['seed']``), fitted on this pool: the one entry point the stage and the
+    cross-validation share. ``pool_clusters``/``lab_clusters`` are needed by cluster_vote;
+    ``pool_clusters`` excludes HDBSCAN noise (cluster -1) in every strategy."""
+    try:
+        labeller = LABELLERS[p["strategy"]]
+    except KeyError:
+        raise ValueError(f"unknown pseudo.strategy {p['strategy']!r}") from None
+    return labeller.from_params(p, positive).fit_predict(
+        PoolData(pool_ids, X_pool, X_lab, y_lab, pool_clusters, lab_clusters))
 
 
 def pseudo_label_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, classes: list[str]) -> dict:

@@ -10,8 +10,9 @@ Order of the checks (an image gets the reason of the first check it fails):
    ``not_an_image``, ``decompression_bomb``;
 2. full decode (in parallel): ``too_large`` (qc.max_pixels), ``decode_error``
    (truncated, corrupt), ``unsupported_mode`` (qc.convert_modes: false);
-3. geometry and content: ``too_small`` (qc.min_side), ``aspect_outlier``
-   (qc.max_aspect), ``blank`` (qc.min_std), ``size_outlier`` (qc.size_outlier_factor
+3. geometry and content: the per-image rules of ``IMAGE_RULES``, shared with
+   ``inference.qc_image``: ``too_small`` (qc.min_side), ``aspect_outlier``
+   (qc.max_aspect), ``blank`` (qc.min_std); then ``size_outlier`` (qc.size_outlier_factor
    vs the median size; only with qc.size_outlier_policy: quarantine, else a note);
 4. exact duplicates (sha256): ``label_conflict`` (every copy), ``leakage`` (test copy
    of a training/pool image, qc.leakage_policy), ``duplicate`` (the other copies);
@@ -27,8 +28,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -179,6 +182,84 @@ def hamming(a: str, b: str) -> int:
     return int(int(a, 16) ^ int(b, 16)).bit_count()
 
 
+# --------------------------------------------------------------------------- per-image rules
+class Measured(NamedTuple):
+    """What the per-image rules look at: the header size and the greyscale pixel std (0-255)."""
+
+    width: int
+    height: int
+    std: float
+
+
+class ImageRule(NamedTuple):
+    """``fails(m, qc)`` and ``detail(m, qc)`` on the measurements and the ``qc.*`` params."""
+
+    reason: str
+    fails: Callable[[Measured, Mapping], bool]
+    detail: Callable[[Measured, Mapping], str]
+
+
+def aspect_ratio(m: Measured) -> float:
+    # a 0-pixel side counts as 1: a broken header must not divide by zero
+    return float(np.float64(max(m.width, m.height)) / max(min(m.width, m.height), 1))
+
+
+def _rounded(x: float, digits: int) -> str:
+    # numpy's rounding and str ("5.0", "0.0"): the texts quarantine.csv has always had
+    return str(np.round(np.float64(x), digits))
+
+
+# The one declaration of the per-image rules, for the qc stage (run_qc) and for new images
+# at inference (inference.qc_image), so that training and serving cannot drift apart.
+# Order is precedence: an image gets the reason of the first rule it fails.
+IMAGE_RULES: tuple[ImageRule, ...] = (
+    ImageRule("too_small",
+              lambda m, qc: min(m.width, m.height) < qc["min_side"],
+              lambda m, qc: f"{m.width}x{m.height} < qc.min_side={qc['min_side']}"),
+    ImageRule("aspect_outlier",
+              lambda m, qc: aspect_ratio(m) > qc["max_aspect"],
+              lambda m, qc: f"{_rounded(aspect_ratio(m), 2)} > qc.max_aspect={qc['max_aspect']}"),
+    ImageRule("blank",
+              lambda m, qc: m.std < qc["min_std"],
+              lambda m, qc: f"pixel std {_rounded(m.std, 3)} < qc.min_std={qc['min_std']}"),
+)
+
+
+def check_image(m: Measured, qc: Mapping) -> tuple[str, str] | None:
+    """(reason, detail) of the first of IMAGE_RULES that ``m`` fails, or None if it passes."""
+    for rule in IMAGE_RULES:
+        if rule.fails(m, qc):
+            return rule.reason, rule.detail(m, qc)
+    return None
+
+
+# --------------------------------------------------------------------------- run_qc
+class _Verdicts:
+    """Reason, detail and notes of every frame row.
+
+    A reason, once set, is never overwritten and a flagged row gets no more notes: that is
+    what makes the order of the steps in :func:`run_qc` the order of precedence.
+    """
+
+    def __init__(self, n: int):
+        self.reason = pd.Series([None] * n, dtype=object)
+        self.detail = pd.Series([None] * n, dtype=object)
+        self.notes: list[list[str]] = [[] for _ in range(n)]
+
+    @property
+    def ok(self) -> pd.Series:
+        return self.reason.isna()
+
+    def flag(self, mask, why, what) -> None:
+        mask = pd.Series(np.asarray(mask, dtype=bool), index=self.reason.index) & self.ok
+        self.reason[mask] = why if isinstance(why, str) else why[mask]
+        self.detail[mask] = what if isinstance(what, str) else what[mask]
+
+    def note(self, mask, what) -> None:
+        for i in np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok.to_numpy()):
+            self.notes[i].append(what if isinstance(what, str) else what[i])
+
+
 def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: float,
            max_aspect: float, leakage_policy: str, workers: int = 0,
            convert_modes: bool = DEFAULTS["convert_modes"],
@@ -187,187 +268,239 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
            near_dup_hamming: int = DEFAULTS["near_dup_hamming"],
            near_dup_policy: str = DEFAULTS["near_dup_policy"]) -> QCReport:
     """Apply every check to the manifest; see module docstring for the order and guarantees."""
-    if leakage_policy not in ("drop_test", "keep", "fail"):
-        raise PipelineError(f"qc.leakage_policy must be drop_test, keep or fail, got {leakage_policy!r}")
-    if size_outlier_policy not in ("note", "quarantine"):
-        raise PipelineError(f"qc.size_outlier_policy must be note or quarantine, got {size_outlier_policy!r}")
-    if near_dup_policy not in ("report", "quarantine"):
-        raise PipelineError(f"qc.near_dup_policy must be report or quarantine, got {near_dup_policy!r}")
-    df = manifest.reset_index(drop=True).copy()
-    reason = pd.Series([None] * len(df), dtype=object)
-    detail = pd.Series([None] * len(df), dtype=object)
-    notes: list[list[str]] = [[] for _ in range(len(df))]
-
-    def flag(mask, why, what):
-        mask = pd.Series(np.asarray(mask, dtype=bool), index=df.index) & reason.isna()
-        if isinstance(why, str):
-            reason[mask] = why
-        else:
-            reason[mask] = why[mask]
-        detail[mask] = what if isinstance(what, str) else what[mask]
-
-    def note(mask, what):
-        for i in np.flatnonzero(np.asarray(mask, dtype=bool) & reason.isna().to_numpy()):
-            notes[i].append(what if isinstance(what, str) else what[i])
-
-    # 1. Problems found while scanning (unreadable, non-UTF-8 name, not an image...).
-    flag(df["bytes"].fillna(-1).eq(0), "zero_byte", "file is empty")
-    err = df["read_error"].fillna("")
-    flag(err.ne(""), err.str.split(":").str[0], err)
-
-    # 2. Full decode of the rest.
-    todo = reason.isna()
-    results = inspect_all(df.loc[todo, "path"].tolist(), max_pixels, workers, convert_modes)
-    res = pd.DataFrame(results, index=df.index[todo],
-                       columns=["decode_error", "mean", "std", "note", "phash", "hist", "mode"])
-    df["mean"], df["std"] = np.nan, np.nan
-    df["phash"] = pd.Series([None] * len(df), dtype=object)
-    df["hist"] = pd.Series([None] * len(df), dtype=object)
-    df["decoded_mode"] = pd.Series([None] * len(df), dtype=object)
-    if len(res):
-        df.loc[res.index, ["mean", "std"]] = res[["mean", "std"]].astype(float).to_numpy()
-        for col, src in (("phash", "phash"), ("hist", "hist"), ("decoded_mode", "mode")):
-            df.loc[res.index, col] = res[src]
-        for i, n in res["note"].items():
-            if isinstance(n, str) and n:
-                notes[i].extend(n.split("; "))
-        derr = res["decode_error"].reindex(df.index).fillna("")
-        flag(derr.ne(""), derr.str.split(":").str[0], derr)
-
-    # 3. Geometry and content checks.
-    w, h = df["width"].astype(float), df["height"].astype(float)
-    size_txt = w.astype("Int64").astype(str) + "x" + h.astype("Int64").astype(str)
-    flag(np.minimum(w, h) < min_side, "too_small", size_txt + f" < qc.min_side={min_side}")
-    aspect = np.maximum(w, h) / np.minimum(w, h).clip(lower=1)
-    flag(aspect > max_aspect, "aspect_outlier", aspect.round(2).astype(str) + f" > qc.max_aspect={max_aspect}")
-    flag(df["std"] < min_std, "blank", "pixel std " + df["std"].round(3).astype(str) + f" < qc.min_std={min_std}")
-    # Size vs the majority: the median of the images still in (robust to the outliers).
-    ok = reason.isna()
-    med_w = float(np.median(w[ok])) if ok.any() else float("nan")
-    med_h = float(np.median(h[ok])) if ok.any() else float("nan")
-    f = size_outlier_factor
-    off = ok & ((w < f * med_w) | (w > med_w / f) | (h < f * med_h) | (h > med_h / f))
-    size_detail = (size_txt + f" vs median {med_w:g}x{med_h:g} "
-                   f"(outside x{f:g}..x{1 / f:g}, qc.size_outlier_factor={f:g})")
-    if size_outlier_policy == "quarantine":
-        flag(off, "size_outlier", size_detail)
-    else:
-        note(off, "size outlier: " + size_detail)
-
-    # 4. Exact duplicates (same bytes). Conflicting labels quarantine every copy.
-    ok = reason.isna()
-    known = df[ok & df["split"].isin(["labeled", "test"])]
-    conflict_ids = known.groupby("id")["label"].nunique()
-    conflict_ids = set(conflict_ids[conflict_ids > 1].index)
-    flag(ok & df["id"].isin(conflict_ids), "label_conflict", "same image filed under several labels")
-
-    ok = reason.isna()
-    # Which split owns a duplicated image: training data wins over pool, pool over test.
-    rank = df["split"].map(SPLIT_RANK)
-    order = df[ok].assign(_rank=rank[ok]).sort_values(["_rank", "path"])
-    first = order.drop_duplicates("id")
-    first_path = df["id"].map(dict(zip(first["id"], first["path"]))).astype(object)
-    first_split = df["id"].map(dict(zip(first["id"], first["split"])))
-    is_copy = ok & ~df.index.isin(first.index)
-    leak = is_copy & df["split"].eq("test") & first_split.ne("test")
-    exact_groups = [list(g.index) for _, g in order.groupby("id", sort=False) if len(g) > 1]
-    exact_groups.sort(key=lambda g: df.at[g[0], "path"])
-    n_leak = int(leak.sum())
-    leak_groups = int(df.loc[leak, "id"].nunique())
-    if n_leak and leakage_policy == "fail":
-        raise DataError(f"{n_leak} test images duplicate training/pool images "
-                        f"(qc.leakage_policy=fail); see data/qc or set drop_test")
-    if leakage_policy == "drop_test":
-        flag(leak, "leakage", "test image identical to " + first_path.fillna(""))
-    else:
-        note(leak, "leakage kept (qc.leakage_policy=keep): identical to " + first_path.fillna(""))
-    flag(is_copy & ~leak, "duplicate", "identical to " + first_path.fillna(""))
-
-    # 5. Near duplicates among what is still in (one image per content: exact copies
-    #    kept by leakage_policy=keep ride along with their original).
-    ok = reason.isna()
-    cand = df[ok & df["phash"].notna()].assign(_rank=rank).sort_values(["_rank", "path"])
-    cand = cand.drop_duplicates("id")
-    near_groups, near_dist = [], {}
-    near = {"groups": 0, "images": 0, "leaked_test": 0, "label_conflict_groups": 0}
-    for pos in near_duplicate_groups(cand["phash"].tolist(), near_dup_hamming):
-        g = cand.iloc[pos]
-        g = g.sort_values(["_rank", "path"])
-        idx = list(g.index)
-        # exact copies left in (leakage kept) belong to the group too
-        extra = [i for i in df.index[ok & df["id"].isin(g["id"])] if i not in idx]
-        idx += extra
-        rep = idx[0]
-        rep_path, rep_hash = df.at[rep, "path"], df.at[rep, "phash"]
-        dists = {i: hamming(rep_hash, df.at[i, "phash"]) for i in idx}
-        near_groups.append(idx)
-        near_dist.update(dists)
-        near["groups"] += 1
-        near["images"] += len(idx) - 1
-        labels = set(df.loc[idx][df.loc[idx, "split"].isin(["labeled", "test"])]["label"].dropna())
-        if len(labels) > 1:
-            near["label_conflict_groups"] += 1
-            what = (f"near-duplicate group (pHash distance <= {near_dup_hamming}) filed under "
-                    f"labels {', '.join(sorted(labels))}")
-            members = df.index.isin(idx)
-            if near_dup_policy == "quarantine":
-                flag(members, "label_conflict", what)
-            else:
-                note(members, what)
-            continue
-        has_train = bool(df.loc[idx, "split"].ne("test").any())
-        for i in idx[1:]:
-            if df.at[i, "id"] == df.at[rep, "id"]:
-                continue  # exact copy kept by leakage_policy=keep: already noted
-            d = dists[i]
-            is_leak = df.at[i, "split"] == "test" and has_train
-            near["leaked_test"] += int(is_leak)
-            mask = df.index == i
-            if is_leak:
-                what = (f"test image near-identical to training/pool image {rep_path} "
-                        f"(pHash distance {d} <= qc.near_dup_hamming={near_dup_hamming})")
-                if near_dup_policy == "quarantine" and leakage_policy == "fail":
-                    raise DataError("test images near-duplicate training/pool images "
-                                    "(qc.near_dup_policy=quarantine, qc.leakage_policy=fail); "
-                                    "see the qc report or set drop_test")
-                if near_dup_policy == "quarantine" and leakage_policy == "drop_test":
-                    flag(mask, "near_leakage", what)
-                else:
-                    note(mask, "possible leakage: " + what)
-            else:
-                what = (f"near-duplicate of {rep_path} "
-                        f"(pHash distance {d} <= qc.near_dup_hamming={near_dup_hamming})")
-                if near_dup_policy == "quarantine":
-                    flag(mask, "near_duplicate", what)
-                else:
-                    note(mask, what)
-
-    df["qc_note"] = pd.Series(["; ".join(n) or None for n in notes], dtype=object)
-    df["reason"], df["detail"] = reason, detail
-    passed = reason.isna()
-    clean = (df[passed].drop(columns=["read_error", "hist", "decoded_mode", "reason", "detail"])
-             .reset_index(drop=True))
-    quarantine = pd.DataFrame({"path": df.loc[~passed, "path"], "reason": reason[~passed],
-                               "detail": detail[~passed]}).reset_index(drop=True)
-    check_invariant(len(df), clean, quarantine)
-    hist = split_histograms(df[passed])
-    stats = summarise(df, clean, quarantine, len(exact_groups), n_leak, leakage_policy)
-    stats.update({
-        "leaked_test_groups": leak_groups,
-        "near_duplicate_groups": near["groups"],
-        "near_duplicate_images": near["images"],
-        "near_leaked_test_images": near["leaked_test"],
-        "near_label_conflict_groups": near["label_conflict_groups"],
-    })
-    stats.update(note_counts(df))
-    stats.update(size_stats(df, off, med_w, med_h))
-    stats.update(intensity_stats(clean))
     params = dict(min_side=min_side, max_pixels=max_pixels, min_std=min_std, max_aspect=max_aspect,
                   leakage_policy=leakage_policy, convert_modes=convert_modes,
                   size_outlier_factor=size_outlier_factor, size_outlier_policy=size_outlier_policy,
                   near_dup_hamming=near_dup_hamming, near_dup_policy=near_dup_policy)
+    _check_policies(params)
+    df = manifest.reset_index(drop=True).copy()
+    v = _Verdicts(len(df))
+    # Cheap checks before expensive ones, and content checks before duplicate search: a
+    # broken or blank image must not become the kept copy of a duplicate group.
+    _flag_scan_errors(df, v)
+    _decode(df, v, max_pixels, workers, convert_modes)
+    _apply_image_rules(df, v, params)
+    size = _size_outliers(df, v, size_outlier_factor, size_outlier_policy)
+    _flag_label_conflicts(df, v)
+    exact = _exact_copies(df, v, leakage_policy)
+    near = _near_duplicates(df, v, near_dup_hamming, near_dup_policy, leakage_policy)
+    return _assemble(df, v, size, exact, near, params)
+
+
+def _check_policies(p: dict) -> None:
+    if p["leakage_policy"] not in ("drop_test", "keep", "fail"):
+        raise PipelineError(f"qc.leakage_policy must be drop_test, keep or fail, got {p['leakage_policy']!r}")
+    if p["size_outlier_policy"] not in ("note", "quarantine"):
+        raise PipelineError(f"qc.size_outlier_policy must be note or quarantine, got {p['size_outlier_policy']!r}")
+    if p["near_dup_policy"] not in ("report", "quarantine"):
+        raise PipelineError(f"qc.near_dup_policy must be report or quarantine, got {p['near_dup_policy']!r}")
+
+
+def _flag_scan_errors(df: pd.DataFrame, v: _Verdicts) -> None:
+    """Problems prepare found while scanning (empty, unreadable, non-UTF-8 name, not an image)."""
+    v.flag(df["bytes"].fillna(-1).eq(0), "zero_byte", "file is empty")
+    err = df["read_error"].fillna("")
+    v.flag(err.ne(""), err.str.split(":").str[0], err)
+
+
+def _decode(df: pd.DataFrame, v: _Verdicts, max_pixels: int, workers: int, convert_modes: bool) -> None:
+    """Full decode of what the scan let through: measurements into ``df``, failures into ``v``."""
+    todo = v.ok
+    results = inspect_all(df.loc[todo, "path"].tolist(), max_pixels, workers, convert_modes)
+    res = pd.DataFrame(results, index=df.index[todo],
+                       columns=["decode_error", "mean", "std", "note", "phash", "hist", "mode"])
+    df["mean"], df["std"] = np.nan, np.nan
+    for col in ("phash", "hist", "decoded_mode"):
+        df[col] = pd.Series([None] * len(df), dtype=object)
+    if not len(res):
+        return
+    df.loc[res.index, ["mean", "std"]] = res[["mean", "std"]].astype(float).to_numpy()
+    for col, src in (("phash", "phash"), ("hist", "hist"), ("decoded_mode", "mode")):
+        df.loc[res.index, col] = res[src]
+    _keep_decode_notes(res["note"], v)
+    derr = res["decode_error"].reindex(df.index).fillna("")
+    v.flag(derr.ne(""), derr.str.split(":").str[0], derr)
+
+
+def _keep_decode_notes(decode_notes: pd.Series, v: _Verdicts) -> None:
+    # inspect_image joins its notes (mode conversion, format vs extension) with "; ";
+    # split back so that note_counts counts each kind on its own.
+    for i, n in decode_notes.items():
+        if isinstance(n, str) and n:
+            v.notes[i].extend(n.split("; "))
+
+
+def _apply_image_rules(df: pd.DataFrame, v: _Verdicts, qc: Mapping) -> None:
+    # Per row with check_image, not vectorised: inference.qc_image must give the same
+    # reason and the same detail text for the same image.
+    for i in np.flatnonzero(v.ok.to_numpy()):
+        failed = check_image(Measured(int(df.at[i, "width"]), int(df.at[i, "height"]), df.at[i, "std"]), qc)
+        if failed:
+            v.reason[i], v.detail[i] = failed
+
+
+def _size_outliers(df: pd.DataFrame, v: _Verdicts, factor: float, policy: str) -> tuple:
+    """(outlier mask, median width, median height); noted or quarantined per policy."""
+    # The median of the images still in: robust to the outliers it is meant to find.
+    ok = v.ok
+    w, h = df["width"].astype(float), df["height"].astype(float)
+    med_w = float(np.median(w[ok])) if ok.any() else float("nan")
+    med_h = float(np.median(h[ok])) if ok.any() else float("nan")
+    off = ok & ((w < factor * med_w) | (w > med_w / factor) | (h < factor * med_h) | (h > med_h / factor))
+    size_txt = w.astype("Int64").astype(str) + "x" + h.astype("Int64").astype(str)
+    what = (size_txt + f" vs median {med_w:g}x{med_h:g} "
+            f"(outside x{factor:g}..x{1 / factor:g}, qc.size_outlier_factor={factor:g})")
+    if policy == "quarantine":
+        v.flag(off, "size_outlier", what)
+    else:
+        v.note(off, "size outlier: " + what)
+    return off, med_w, med_h
+
+
+def _flag_label_conflicts(df: pd.DataFrame, v: _Verdicts) -> None:
+    # The same bytes under two labels: no copy can be trusted, so every copy goes.
+    ok = v.ok
+    known = df[ok & df["split"].isin(["labeled", "test"])]
+    n_labels = known.groupby("id")["label"].nunique()
+    conflict_ids = set(n_labels[n_labels > 1].index)
+    v.flag(ok & df["id"].isin(conflict_ids), "label_conflict", "same image filed under several labels")
+
+
+def _exact_copies(df: pd.DataFrame, v: _Verdicts, leakage_policy: str) -> dict:
+    """Keep one copy per content; a test copy of a training/pool image is leakage.
+
+    Returns groups (frame indices, kept copy first), n_leak and leak_groups.
+    """
+    ok = v.ok
+    # Training data wins over pool, pool over test: dropping a copy must not cost a label,
+    # and a test image seen in training is the copy that has to go.
+    rank = df["split"].map(SPLIT_RANK)
+    order = df[ok].assign(_rank=rank[ok]).sort_values(["_rank", "path"])
+    first = order.drop_duplicates("id")
+    first_path = df["id"].map(dict(zip(first["id"], first["path"]))).astype(object).fillna("")
+    first_split = df["id"].map(dict(zip(first["id"], first["split"])))
+    is_copy = ok & ~df.index.isin(first.index)
+    leak = is_copy & df["split"].eq("test") & first_split.ne("test")
+    groups = [list(g.index) for _, g in order.groupby("id", sort=False) if len(g) > 1]
+    groups.sort(key=lambda g: df.at[g[0], "path"])
+    n_leak = int(leak.sum())
+    _apply_leakage_policy(v, leak, n_leak, first_path, leakage_policy)
+    v.flag(is_copy & ~leak, "duplicate", "identical to " + first_path)
+    return {"groups": groups, "n_leak": n_leak, "leak_groups": int(df.loc[leak, "id"].nunique())}
+
+
+def _apply_leakage_policy(v: _Verdicts, leak: pd.Series, n_leak: int, first_path: pd.Series,
+                          policy: str) -> None:
+    if n_leak and policy == "fail":
+        raise DataError(f"{n_leak} test images duplicate training/pool images "
+                        f"(qc.leakage_policy=fail); see data/qc or set drop_test")
+    if policy == "drop_test":
+        v.flag(leak, "leakage", "test image identical to " + first_path)
+    else:
+        v.note(leak, "leakage kept (qc.leakage_policy=keep): identical to " + first_path)
+
+
+def _near_duplicates(df: pd.DataFrame, v: _Verdicts, max_distance: int, policy: str,
+                     leakage_policy: str) -> dict:
+    """pHash groups among what is still in, each judged by :func:`_judge_near_group`.
+
+    Returns groups (frame indices, kept image first), dist (pHash distance of each member
+    to the kept image) and counts.
+    """
+    ok = v.ok
+    rank = df["split"].map(SPLIT_RANK)
+    # One candidate per content; exact copies kept by leakage_policy=keep join their
+    # original's group afterwards instead of making a group of their own.
+    cand = df[ok & df["phash"].notna()].assign(_rank=rank).sort_values(["_rank", "path"])
+    cand = cand.drop_duplicates("id")
+    groups, dist = [], {}
+    counts = {"groups": 0, "images": 0, "leaked_test": 0, "label_conflict_groups": 0}
+    for pos in near_duplicate_groups(cand["phash"].tolist(), max_distance):
+        g = cand.iloc[pos].sort_values(["_rank", "path"])
+        idx = list(g.index)
+        idx += [i for i in df.index[ok & df["id"].isin(g["id"])] if i not in idx]
+        rep_hash = df.at[idx[0], "phash"]
+        d = {i: hamming(rep_hash, df.at[i, "phash"]) for i in idx}
+        groups.append(idx)
+        dist.update(d)
+        counts["groups"] += 1
+        counts["images"] += len(idx) - 1
+        _judge_near_group(df, v, idx, d, counts, max_distance, policy, leakage_policy)
+    return {"groups": groups, "dist": dist, "counts": counts}
+
+
+def _judge_near_group(df: pd.DataFrame, v: _Verdicts, idx: list[int], dist: dict, counts: dict,
+                      max_distance: int, policy: str, leakage_policy: str) -> None:
+    """Label conflict for the whole group, else each member vs the kept image ``idx[0]``.
+
+    With near_dup_policy=report everything is a note: a pHash match is a suspicion, not proof.
+    """
+    quarantine = policy == "quarantine"
+    rep = idx[0]
+    labels = set(df.loc[idx][df.loc[idx, "split"].isin(["labeled", "test"])]["label"].dropna())
+    if len(labels) > 1:
+        counts["label_conflict_groups"] += 1
+        what = (f"near-duplicate group (pHash distance <= {max_distance}) filed under "
+                f"labels {', '.join(sorted(labels))}")
+        members = df.index.isin(idx)
+        if quarantine:
+            v.flag(members, "label_conflict", what)
+        else:
+            v.note(members, what)
+        return
+    rep_path = df.at[rep, "path"]
+    has_train = bool(df.loc[idx, "split"].ne("test").any())
+    for i in idx[1:]:
+        if df.at[i, "id"] == df.at[rep, "id"]:
+            continue  # exact copy kept by leakage_policy=keep: already noted
+        how_near = f"(pHash distance {dist[i]} <= qc.near_dup_hamming={max_distance})"
+        is_leak = df.at[i, "split"] == "test" and has_train
+        counts["leaked_test"] += int(is_leak)
+        mask = df.index == i
+        if is_leak:
+            what = f"test image near-identical to training/pool image {rep_path} {how_near}"
+            if quarantine and leakage_policy == "fail":
+                raise DataError("test images near-duplicate training/pool images "
+                                "(qc.near_dup_policy=quarantine, qc.leakage_policy=fail); "
+                                "see the qc report or set drop_test")
+            if quarantine and leakage_policy == "drop_test":
+                v.flag(mask, "near_leakage", what)
+            else:
+                v.note(mask, "possible leakage: " + what)
+        else:
+            what = f"near-duplicate of {rep_path} {how_near}"
+            if quarantine:
+                v.flag(mask, "near_duplicate", what)
+            else:
+                v.note(mask, what)
+
+
+def _assemble(df: pd.DataFrame, v: _Verdicts, size: tuple, exact: dict, near: dict,
+              params: dict) -> QCReport:
+    """Clean manifest, quarantine table and metrics from the verdicts."""
+    df["qc_note"] = pd.Series(["; ".join(n) or None for n in v.notes], dtype=object)
+    df["reason"], df["detail"] = v.reason, v.detail
+    passed = v.ok
+    clean = (df[passed].drop(columns=["read_error", "hist", "decoded_mode", "reason", "detail"])
+             .reset_index(drop=True))
+    quarantine = pd.DataFrame({"path": df.loc[~passed, "path"], "reason": v.reason[~passed],
+                               "detail": v.detail[~passed]}).reset_index(drop=True)
+    check_invariant(len(df), clean, quarantine)
+    hist = split_histograms(df[passed])
+    stats = summarise(df, clean, quarantine, len(exact["groups"]), exact["n_leak"], params["leakage_policy"])
+    counts = near["counts"]
+    stats.update({
+        "leaked_test_groups": exact["leak_groups"],
+        "near_duplicate_groups": counts["groups"],
+        "near_duplicate_images": counts["images"],
+        "near_leaked_test_images": counts["leaked_test"],
+        "near_label_conflict_groups": counts["label_conflict_groups"],
+    })
+    stats.update(note_counts(df))
+    stats.update(size_stats(df, *size))
+    stats.update(intensity_stats(clean))
     return QCReport(clean, quarantine, stats, frame=df,
-                    groups={"exact": exact_groups, "near": near_groups, "near_dist": near_dist},
+                    groups={"exact": exact["groups"], "near": near["groups"], "near_dist": near["dist"]},
                     hist=hist, params=params)
 
 

@@ -118,8 +118,8 @@ def train_tiny_model(root: Path, n: int = 16) -> dict:
             "bundle": bundle, "X": X, "y": np.array(y)}
 
 
-QC = dict(min_side=32, max_pixels=89_478_485, min_std=2.0, max_aspect=4.0,
-          leakage_policy="drop_test", workers=1)
+# params.yaml's qc section (the one declaration of the defaults), one decode process
+QC = {**yaml.safe_load((ROOT / "params.yaml").read_text())["qc"], "workers": 1}
 
 
 KNOB_VARS = ("OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",

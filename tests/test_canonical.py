@@ -135,11 +135,11 @@ ROOT = Path(__file__).resolve().parents[1]
     ("canonical", "bf16", "cpu-onednn-bf16"),  # no canonical bf16 path: said so
 ])
 def test_fingerprint_records_the_numeric_path(kernels, precision, expected):
-    fp = Embedder("random", image_size=32, device="cpu", kernels=kernels,
+    fingerprint = Embedder("random", image_size=32, device="cpu", kernels=kernels,
                   precision=precision).fit().fingerprint_
-    assert fp["kernels"] == expected
+    assert fingerprint["kernels"] == expected
     canonical = Embedder("random", image_size=32, device="cpu").fit().fingerprint_
-    assert (fp["fingerprint"] == canonical["fingerprint"]) == (expected == CANONICAL_CPU)
+    assert (fingerprint["fingerprint"] == canonical["fingerprint"]) == (expected == CANONICAL_CPU)
 
 
 def test_unknown_kernels_value_is_a_clear_error():

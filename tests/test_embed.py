@@ -185,19 +185,19 @@ def test_feature_store_parquet_roundtrip(tmp_path, images):
     assert (n_new, n_reused) == (len(images), 0)
     meta = pq.ParquetFile(out)
     assert meta.metadata.num_row_groups == 2  # written as it goes, not all at once
-    got_rows, X, fp = read_embeddings(out)
+    got_rows, X, fingerprint = read_embeddings(out)
     assert list(got_rows.columns) == ["id", "split", "label"]
     assert got_rows["label"].isna().tolist() == [False, True, False] * 2
     np.testing.assert_allclose(X, emb.transform(images), atol=1e-6)
     schema = pq.read_schema(out)
     assert str(schema.field("vector").type) == "fixed_size_list<element: float>[512]"
-    assert fp == json.loads(schema.metadata[b"embedding_fingerprint"])
+    assert fingerprint == json.loads(schema.metadata[b"embedding_fingerprint"])
     for key in ("backbone", "weights", "preprocess", "image_size", "precision", "torch",
                 "torchvision", "fingerprint"):
-        assert key in fp
+        assert key in fingerprint
     # The fingerprint changes with anything that changes the vectors.
     other = Embedder("random", seed=0, image_size=48).fit().fingerprint_
-    assert other["fingerprint"] != fp["fingerprint"]
+    assert other["fingerprint"] != fingerprint["fingerprint"]
     # Identical inputs → identical bytes (DVC hashes must be stable).
     out2 = tmp_path / "again.parquet"
     again = Embedder("random", seed=0, image_size=40, batch_size=4).fit()
@@ -222,12 +222,12 @@ def _rows(paths):
 def test_incremental_reuses_vectors_and_matches_fresh_bytes(tmp_path):
     paths = _write_images(tmp_path, n=11, seed=5)
     emb = Embedder("random", seed=0, image_size=40, batch_size=4).fit()
-    fp = emb.fingerprint_["fingerprint"]
+    fingerprint = emb.fingerprint_["fingerprint"]
     store = tmp_path / "store.parquet"
     # First run on 7 images, then 4 more arrive (inserted in the middle of the order).
     first = _rows(paths[:3] + paths[7:])
     assert store_with(emb, first, store, rows_per_group=5) == (7, 0)
-    reuse = load_reusable(store, fp)
+    reuse = load_reusable(store, fingerprint)
     assert set(reuse) == set(first["id"])
     everything = _rows(paths)
     assert store_with(emb, everything, store, reuse=reuse, rows_per_group=5) == (4, 7)

@@ -339,8 +339,8 @@ def _evaluate_workspace(tmp: Path) -> Path:
     label = ["cancer" if i % 2 else "normal" for i in range(40)]
     X = rng.normal(size=(40, 512)).astype(np.float32)
     X[1::2, 0] += 2.0
-    fp = {"fingerprint": "abc"}
-    schema = EMBEDDING_SCHEMA.with_metadata({b"embedding_fingerprint": json.dumps(fp).encode()})
+    fingerprint = {"fingerprint": "abc"}
+    schema = EMBEDDING_SCHEMA.with_metadata({b"embedding_fingerprint": json.dumps(fingerprint).encode()})
     (ws / "data/features").mkdir(parents=True)
     pq.write_table(pa.Table.from_arrays([
         pa.array(ids), pa.array(split), pa.array(label),

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import QC as HELPER_QC
 
 from triage.prepare import build_manifest
 from triage.qc import run_qc
 
-QC = dict(min_side=32, max_pixels=89_478_485, min_std=2.0, max_aspect=4.0,
-          leakage_policy="drop_test", workers=0)
+QC = {**HELPER_QC, "workers": 0}  # all cores: real datasets
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 
 

@@ -129,8 +129,8 @@ def test_selection_is_deterministic_and_table_has_contract_columns():
 
 
 # --------------------------------------------------------------------------- stage
-def _write_embeddings(path, rows, X, fp="fp0"):
-    meta = {b"embedding_fingerprint": json.dumps({"fingerprint": fp}).encode()}
+def _write_embeddings(path, rows, X, fingerprint="fp0"):
+    meta = {b"embedding_fingerprint": json.dumps({"fingerprint": fingerprint}).encode()}
     table = pa.Table.from_arrays([
         pa.array(rows["id"], pa.string()), pa.array(rows["split"], pa.string()),
         pa.array(rows["label"], pa.string(), from_pandas=True),

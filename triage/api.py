@@ -97,22 +97,11 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
 
 
-def create_app(model_path: str | Path | None = None, params_path: str | Path = "params.yaml", *,
-               metrics_path: str | Path = "metrics/evaluate/metrics.json",
-               lock_path: str | Path = "dvc.lock",
-               embeddings_path: str | Path | None = "data/features/embeddings.parquet"):
-    """Build the app; loads the model and its embedder once (refuses a fingerprint mismatch)."""
-    params = load_params(params_path)
-    model_path = Path(model_path or params["inference"]["model"])
-    # One image per request: no DataLoader workers.
-    predictor = Predictor.from_files(model_path, params, embeddings_path=embeddings_path,
-                                     num_workers=0)
-    max_bytes = int(params["inference"]["max_upload_mb"] * 1024 * 1024)
-    name = str(predictor.bundle.get("name", model_path.stem))
-    version = model_version(model_path, lock_path)
-    metrics = operating_metrics(metrics_path, name)
-    info = {
-        "name": name,
+def model_info(predictor: Predictor, model_path: Path, version: dict, metrics: dict,
+               max_bytes: int) -> dict:
+    """What ``GET /model`` answers: which model, its operating point and its intended use."""
+    return {
+        "name": str(predictor.bundle.get("name", model_path.stem)),
         "path": model_path.as_posix(),
         "version": version["version"],
         "version_source": version["source"],
@@ -128,11 +117,48 @@ def create_app(model_path: str | Path | None = None, params_path: str | Path = "
                                if k.endswith(("_ci_low", "_ci_high"))},
         "intended_use": "decision support for triage, not a diagnosis",
     }
+
+
+def predict_upload(predictor: Predictor, data: bytes, lock: threading.Lock, version: str) -> dict:
+    """One uploaded image → the batch CLI's row, answered without path or file name."""
+    with tempfile.TemporaryDirectory(prefix="triage-api-") as tmp:
+        path = Path(tmp) / "upload"
+        path.write_bytes(data)
+        os.chmod(path, 0o600)
+        with lock:
+            row = predictor.predict_paths([str(path)], [None]).iloc[0].to_dict()
+    if row["qc_status"] in UNREADABLE:
+        raise HTTPException(415, f"not a readable image ({row['qc_status']}): send a PNG, "
+                                 f"JPEG, TIFF or another format Pillow decodes")
+    row["path"] = None
+    row["needs_review"] = bool(row["needs_review"])
+    row["model_version"] = version
+    row["threshold"] = predictor.threshold
+    for key in ("probability", "decision", "qc_detail"):
+        if row[key] != row[key]:  # NaN from pandas → null
+            row[key] = None
+    return row
+
+
+def create_app(model_path: str | Path | None = None, params_path: str | Path = "params.yaml", *,
+               metrics_path: str | Path = "metrics/evaluate/metrics.json",
+               lock_path: str | Path = "dvc.lock",
+               embeddings_path: str | Path | None = "data/features/embeddings.parquet"):
+    """Build the app; loads the model and its embedder once (refuses a fingerprint mismatch)."""
+    params = load_params(params_path)
+    model_path = Path(model_path or params["inference"]["model"])
+    # One image per request: no DataLoader workers.
+    predictor = Predictor.from_files(model_path, params, embeddings_path=embeddings_path,
+                                     num_workers=0)
+    max_mb = params["inference"]["max_upload_mb"]
+    max_bytes = int(max_mb * 1024 * 1024)
+    version = model_version(model_path, lock_path)
+    info = model_info(predictor, model_path, version, operating_metrics(
+        metrics_path, str(predictor.bundle.get("name", model_path.stem))), max_bytes)
     lock = threading.Lock()  # torch inference on CPU: one request at a time
 
     app = FastAPI(title="triage", version=version["version"][:12],
                   description="Semi-supervised image triage (decision support, not diagnosis)")
-
     # Refuse an oversized body while it is received (declared length or not), before the
     # multipart parser spools it.
     app.add_middleware(BodyLimitMiddleware, max_body=max_bytes + MULTIPART_OVERHEAD,
@@ -141,7 +167,7 @@ def create_app(model_path: str | Path | None = None, params_path: str | Path = "
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": name, "version": version["version"]}
+        return {"status": "ok", "model": info["name"], "version": version["version"]}
 
     @app.get("/model")
     def model() -> dict:
@@ -152,25 +178,10 @@ def create_app(model_path: str | Path | None = None, params_path: str | Path = "
         data = file.file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload too large: more than {max_bytes} bytes "
-                                     f"(inference.max_upload_mb={params['inference']['max_upload_mb']})")
+                                     f"(inference.max_upload_mb={max_mb})")
         if not data:
             raise HTTPException(400, "empty upload: send one image file in the form field 'file'")
-        with tempfile.TemporaryDirectory(prefix="triage-api-") as tmp:
-            path = Path(tmp) / "upload"
-            path.write_bytes(data)
-            os.chmod(path, 0o600)
-            with lock:
-                row = predictor.predict_paths([str(path)], [None]).iloc[0].to_dict()
-        if row["qc_status"] in UNREADABLE:
-            raise HTTPException(415, f"not a readable image ({row['qc_status']}): send a PNG, "
-                                     f"JPEG, TIFF or another format Pillow decodes")
-        row["path"] = None
-        row["needs_review"] = bool(row["needs_review"])
-        row["model_version"] = version["version"]
-        row["threshold"] = predictor.threshold
-        for key in ("probability", "decision", "qc_detail"):
-            if row[key] != row[key]:  # NaN from pandas → null
-                row[key] = None
+        row = predict_upload(predictor, data, lock, version["version"])
         log.info("predict: qc=%s needs_review=%s", row["qc_status"], row["needs_review"])
         return row
 

@@ -17,6 +17,7 @@ import numpy as np
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone, fuse_batchnorm
 from .errors import PipelineError
 from .io import log
+from .params import spec
 from .store import EMBED_DIM
 from .torch_utils import resolve_device
 
@@ -34,7 +35,7 @@ from .torch_utils import resolve_device
 CANONICAL_CPU = "cpu-onednn-fma"
 CANONICAL_ONEDNN_ISA = "AVX512_CORE"
 FMA_ONEDNN_ISAS = ("AVX2", "AVX512_CORE")  # the kernel families CANONICAL_CPU admits
-KERNELS = ("canonical", "fast")
+KERNELS = spec("embed.kernels").choices
 PREPROCESS = "grey(L, alpha on black, 16-bit rescaled) -> resize {s}x{s} bilinear -> 3ch -> imagenet mean/std"
 
 
@@ -171,7 +172,7 @@ def fingerprint(weights_info: dict, image_size: int, precision: str,
     import torch
     import torchvision
 
-    fp = {
+    record = {
         "backbone": "resnet18",
         **weights_info,
         "preprocess": PREPROCESS.format(s=image_size),
@@ -182,8 +183,9 @@ def fingerprint(weights_info: dict, image_size: int, precision: str,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }
-    fp["fingerprint"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return fp
+    # the short hash names the embedding space (models refuse vectors from another one)
+    record["fingerprint"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return record
 
 
 class Embedder:

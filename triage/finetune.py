@@ -115,6 +115,56 @@ class _Cycler:
         return out
 
 
+def _optimiser(model, cfg: FinetuneConfig, total_steps: int):
+    """SGD (Nesterov) with FixMatch's cosine decay: lr * cos(7 pi k / 16 K)."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: math.cos(7 * math.pi * k / (16 * max(total_steps, 1))))
+    return opt, sched
+
+
+class _Consistency:
+    """The unlabelled term of one step: weak-view predictions, aligned to the class prior
+    over a window of recent batches, become pseudo-labels for the strong view."""
+
+    def __init__(self, cfg: FinetuneConfig, prior):
+        self.cfg, self.prior, self.window = cfg, prior, []
+
+    def loss(self, logits_u, sums: dict):
+        """Loss on the (weak, strong) logits; adds loss_u, mask_rate and pseudo-positive
+        counts to ``sums``; returns (loss, number of masked-in images)."""
+        import torch
+
+        lw, ls = logits_u.chunk(2)
+        with torch.no_grad():
+            pw = lw.detach().softmax(1)
+            if self.cfg.distribution_alignment:
+                self.window = (self.window + [pw.mean(0)])[-32:]
+                pw = align_distribution(pw, self.prior, torch.stack(self.window).mean(0))
+            labels, mask = pseudo_label(pw, self.cfg.threshold)
+        loss_u = consistency_loss(ls, labels, mask)
+        sums["loss_u"] += float(loss_u.detach())
+        sums["mask_rate"] += float(mask.mean())
+        n_masked = int(mask.sum())
+        if n_masked:
+            sums["pseudo_positive_share"] += float((labels.float() * mask).sum())
+        return loss_u, n_masked
+
+
+def _epoch_row(epoch: int, sums: dict, steps: int, n_masked: int) -> dict:
+    """Per-step means; the pseudo-positive share is over the masked-in images."""
+    row = {"epoch": epoch + 1}
+    for k, v in sums.items():
+        if k == "pseudo_positive_share":
+            row[k] = round(v / n_masked, 6) if n_masked else 0.0
+        else:
+            row[k] = round(v / steps, 6)
+    return row
+
+
 def train_model(x_lab, y_lab, x_pool, cfg: FinetuneConfig, *, ids_lab=None, ids_pool=None,
                 device: str = "cpu", fold_seed: int = 0, log: Callable | None = None):
     """Train one classifier. ``x_*``: (N, 1, S, S) uint8; ``y_lab``: 0/1 ints.
@@ -134,70 +184,42 @@ def train_model(x_lab, y_lab, x_pool, cfg: FinetuneConfig, *, ids_lab=None, ids_
     use_u = cfg.consistency and n_pool > 0 and cfg.lambda_u > 0
     bs = min(cfg.batch_size, n_lab)
     steps = max(1, math.ceil(n_lab / bs))
-    total = steps * cfg.epochs
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=True)
-    # FixMatch's cosine decay: lr * cos(7 pi k / 16 K)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: math.cos(7 * math.pi * k / (16 * max(total, 1))))
+    opt, sched = _optimiser(model, cfg, steps * cfg.epochs)
     prior_pos = cfg.class_prior if cfg.class_prior is not None else float(y_lab.float().mean())
-    prior = torch.tensor([1 - prior_pos, prior_pos], device=device)
-    window: list = []  # recent batch means of the weak-view probabilities
+    unlabelled = _Consistency(cfg, torch.tensor([1 - prior_pos, prior_pos], device=device))
     lab_cycle, pool_cycle = _Cycler(n_lab, g), _Cycler(max(n_pool, 1), g)
     seen: set = set()
     history = []
     for epoch in range(cfg.epochs):
-        sums = {"loss": 0.0, "loss_x": 0.0, "loss_u": 0.0, "mask_rate": 0.0,
-                "pseudo_positive_share": 0.0}
+        sums = dict.fromkeys(("loss", "loss_x", "loss_u", "mask_rate", "pseudo_positive_share"), 0.0)
         n_masked_total = 0
         for _ in range(steps):
             li = lab_cycle.take(bs)
             if ids_lab is not None:
                 seen.update(ids_lab[i] for i in li)
-            xb = weak_view(x_lab[li], g)
+            inputs = weak_view(x_lab[li], g)
             if use_u:
                 ui = pool_cycle.take(bs * cfg.mu)
                 if ids_pool is not None:
                     seen.update(ids_pool[i] for i in ui)
                 xu = x_pool[ui]
-                xu_w, xu_s = weak_view(xu, g), strong_view(xu, g)
-                inputs = torch.cat([xb, xu_w, xu_s])
-            else:
-                inputs = xb
+                inputs = torch.cat([inputs, weak_view(xu, g), strong_view(xu, g)])
             logits = model(to_model_input(inputs.to(device)))
             loss_x = F.cross_entropy(logits[:len(li)], y_lab[li].to(device))
             loss = loss_x
             if use_u:
-                lw, ls = logits[len(li):].chunk(2)
-                with torch.no_grad():
-                    pw = lw.detach().softmax(1)
-                    if cfg.distribution_alignment:
-                        window = (window + [pw.mean(0)])[-32:]
-                        pw = align_distribution(pw, prior, torch.stack(window).mean(0))
-                    labels, mask = pseudo_label(pw, cfg.threshold)
-                loss_u = consistency_loss(ls, labels, mask)
+                loss_u, n_masked = unlabelled.loss(logits[len(li):], sums)
                 loss = loss_x + cfg.lambda_u * loss_u
-                sums["loss_u"] += float(loss_u.detach())
-                sums["mask_rate"] += float(mask.mean())
-                n_masked = int(mask.sum())
-                if n_masked:
-                    sums["pseudo_positive_share"] += float((labels.float() * mask).sum())
-                    n_masked_total += n_masked
+                n_masked_total += n_masked
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             sums["loss"] += float(loss.detach())
             sums["loss_x"] += float(loss_x.detach())
-        row = {"epoch": epoch + 1}
-        for k, v in sums.items():
-            if k == "pseudo_positive_share":
-                row[k] = round(v / n_masked_total, 6) if n_masked_total else 0.0
-            else:
-                row[k] = round(v / steps, 6)
-        history.append(row)
+        history.append(_epoch_row(epoch, sums, steps, n_masked_total))
         if log:
-            log(row)
+            log(history[-1])
     return model.eval(), history, seen
 
 

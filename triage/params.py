@@ -210,6 +210,23 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def spec(dotted: str) -> Spec:
+    """The rule of one dotted key (``"qc.leakage_policy"``): modules that check a value
+    themselves (library calls outside a stage) look it up here instead of restating it."""
+    node: Any = SCHEMA
+    for part in dotted.split("."):
+        node = node[part]
+    if not isinstance(node, Spec):
+        raise KeyError(f"{dotted} is a section, not a key")
+    return node
+
+
+def check(dotted: str, value: Any) -> Any:
+    """Validate one value against its rule (ParamsError naming the key); returns it."""
+    spec(dotted).check(dotted, value)
+    return value
+
+
 def validate(params: Any, schema: dict = SCHEMA, prefix: str = "") -> dict:
     """Raise ParamsError naming the first unknown, missing or mistyped dotted key."""
     if not isinstance(params, dict):

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from .errors import DataError, PipelineError
 from .images import hamming_within, phash64, phash_hex, to_grey_array
+from .params import check
 
 QUARANTINE_COLUMNS = ["path", "reason", "detail"]
 # Formats whose usual extensions we know; a mismatch is noted, the image stays usable.
@@ -54,8 +55,6 @@ SPLITS = ("labeled", "unlabeled", "test")
 SPLIT_RANK = {"labeled": 0, "unlabeled": 1, "test": 2}  # which copy of a duplicate is kept
 
 # Defaults of the checks added after the first QC (the stage passes every qc.* param).
-DEFAULTS = dict(convert_modes=True, size_outlier_factor=0.25, size_outlier_policy="note",
-                near_dup_hamming=2, near_dup_policy="report")
 
 
 def inspect_image(path: str, max_pixels: int, convert_modes: bool = True) -> dict:
@@ -261,13 +260,12 @@ class _Verdicts:
 
 
 def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: float,
-           max_aspect: float, leakage_policy: str, workers: int = 0,
-           convert_modes: bool = DEFAULTS["convert_modes"],
-           size_outlier_factor: float = DEFAULTS["size_outlier_factor"],
-           size_outlier_policy: str = DEFAULTS["size_outlier_policy"],
-           near_dup_hamming: int = DEFAULTS["near_dup_hamming"],
-           near_dup_policy: str = DEFAULTS["near_dup_policy"]) -> QCReport:
-    """Apply every check to the manifest; see module docstring for the order and guarantees."""
+           max_aspect: float, leakage_policy: str, workers: int, convert_modes: bool,
+           size_outlier_factor: float, size_outlier_policy: str, near_dup_hamming: int,
+           near_dup_policy: str) -> QCReport:
+    """Apply every check to the manifest; see module docstring for the order and guarantees.
+
+    The keywords are the ``qc`` section of params.yaml, which holds their defaults."""
     params = dict(min_side=min_side, max_pixels=max_pixels, min_std=min_std, max_aspect=max_aspect,
                   leakage_policy=leakage_policy, convert_modes=convert_modes,
                   size_outlier_factor=size_outlier_factor, size_outlier_policy=size_outlier_policy,
@@ -288,12 +286,9 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
 
 
 def _check_policies(p: dict) -> None:
-    if p["leakage_policy"] not in ("drop_test", "keep", "fail"):
-        raise PipelineError(f"qc.leakage_policy must be drop_test, keep or fail, got {p['leakage_policy']!r}")
-    if p["size_outlier_policy"] not in ("note", "quarantine"):
-        raise PipelineError(f"qc.size_outlier_policy must be note or quarantine, got {p['size_outlier_policy']!r}")
-    if p["near_dup_policy"] not in ("report", "quarantine"):
-        raise PipelineError(f"qc.near_dup_policy must be report or quarantine, got {p['near_dup_policy']!r}")
+    # a library call (not a stage) may pass anything: the rules are params.yaml's (SCHEMA)
+    for key in ("leakage_policy", "size_outlier_policy", "near_dup_policy"):
+        check(f"qc.{key}", p[key])
 
 
 def _flag_scan_errors(df: pd.DataFrame, v: _Verdicts) -> None:

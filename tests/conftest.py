@@ -26,6 +26,15 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+# The end-to-end modules run whole pipelines (tens of seconds per test): started first, so
+# under pytest-xdist the short unit tests fill the other worker instead of trailing them.
+SLOW_FIRST = ("test_reproducibility.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: order kept within
+
+
 @dataclass(frozen=True)
 class Reproduced:
     """A TINY demo pipeline after one `dvc repro` in a plain environment (no kernel knobs)."""
@@ -40,11 +49,30 @@ class Reproduced:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Reproduced:
     """The one full `dvc repro` the end-to-end tests share. Never change ``repo``: take a
-    copy with ``helpers.clone_repo`` (tests/test_pipeline.py, tests/test_reproducibility.py)."""
+    copy with ``helpers.clone_repo`` (tests/test_pipeline.py, tests/test_reproducibility.py).
+
+    Under pytest-xdist every worker is its own session: the first to get here builds it in
+    the base temp folder all workers share, the others wait on a file lock and reuse it."""
+    import fcntl
+    import json
+
     from helpers import make_repo, output_hashes, plain_env, run
 
-    tmp = tmp_path_factory.mktemp("tiny_pipeline")
-    env = plain_env(tmp)
-    repo = make_repo(tmp, env)  # the project's sources, TINY params, a fresh git repo
-    first = run(["dvc", "repro"], repo, env)
-    return Reproduced(repo, env, first.stdout, (repo / "dvc.lock").read_text(), output_hashes(repo))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common base temp
+    tmp = shared / "tiny_pipeline"
+    done = shared / "tiny_pipeline.json"
+    with open(shared / "tiny_pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            tmp.mkdir(exist_ok=True)
+            env = plain_env(tmp)
+            repo = make_repo(tmp, env)  # the project's sources, TINY params, a fresh git repo
+            first = run(["dvc", "repro"], repo, env)
+            done.write_text(json.dumps({"stdout": first.stdout,
+                                        "lock": (repo / "dvc.lock").read_text(),
+                                        "hashes": output_hashes(repo)}))
+    record = json.loads(done.read_text())
+    return Reproduced(tmp / "repo", plain_env(tmp), record["stdout"], record["lock"],
+                      record["hashes"])

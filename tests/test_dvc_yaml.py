@@ -120,3 +120,20 @@ def test_closure_follows_relative_imports():
     # another module, and triage/io.py imports it relatively.
     assert "triage/errors.py" in triage_imports(ROOT / "triage/io.py")
     assert "triage/io.py" in closure("stages/evaluate.py")
+
+
+def test_stages_that_read_vectors_never_import_torch():
+    # torch costs ~1 s and ~600 MB RSS at start-up; these stages only read the vector store
+    # (and load skops models, whose type scan would otherwise import torch).
+    import subprocess
+    import sys
+
+    scripts = [script_of(STAGES[name]) for name in VECTOR_STAGES]
+    code = ("import runpy, sys\n"
+            f"for s in {scripts!r}:\n"
+            "    runpy.run_path(s, run_name='imported')\n"
+            "from triage.models import skops_io\nskops_io()\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out

@@ -30,8 +30,9 @@ def ran_stages(output: str) -> list[str]:
 def demo_repo(tiny_pipeline, tmp_path_factory):
     # a copy of the session's reproduced TINY pipeline (conftest.tiny_pipeline): these tests
     # change it (forced run, a params change on a branch)
-    repo = clone_repo(tiny_pipeline.repo, tmp_path_factory.mktemp("e2e") / "repo")
-    return repo, tiny_pipeline.env, tiny_pipeline
+    tmp = tmp_path_factory.mktemp("e2e")
+    repo = clone_repo(tiny_pipeline.repo, tmp / "repo")
+    return repo, {**tiny_pipeline.env, "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache")}, tiny_pipeline
 
 
 def test_full_run_produces_metric_contract(demo_repo):

@@ -304,8 +304,9 @@ def lock_stage_diff(before: str, after: str) -> tuple[list[str], list[str]]:
 def pipeline_baseline(tiny_pipeline, tmp_path_factory):
     # a copy of the session's plain run (conftest.tiny_pipeline): its lock and output hashes
     # were taken right after that run
-    repo = clone_repo(tiny_pipeline.repo, tmp_path_factory.mktemp("kernels") / "repo")
-    env = tiny_pipeline.env
+    tmp = tmp_path_factory.mktemp("kernels")
+    repo = clone_repo(tiny_pipeline.repo, tmp / "repo")
+    env = {**tiny_pipeline.env, "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache")}
     core = probe(env, ["openblas_core"])["openblas_core"]
     return repo, env, core, tiny_pipeline.lock, tiny_pipeline.hashes
 

@@ -1,33 +1,49 @@
-"""End-to-end embedding throughput: the pipeline's Embedder vs a naive loop, same images, one run.
+"""Embedding throughput: the pipeline's Embedder against the model-only limit and a naive loop, one run.
 
-Both sides do read + decode + resize + forward + write Parquet, with the same batch size
-and the same (seeded random) ResNet18 weights. The naive reference is what one writes
-first: PIL per image in the main process, torchvision transforms, fp32, contiguous
-memory, ``torch.no_grad``. Ratios measured side by side in one run are meaningful on a
-noisy shared machine; absolute img/s are not.
+Three measurements on the same images, same CPU, same process:
+
+- **model-only limit**: the pipeline's own model (an Embedder fitted with the pipeline
+  side's settings: same weights, precision, ``embed.kernels`` mode and oneDNN ISA cap,
+  fused BatchNorm, channels-last, batch size, image size, torch threads; padded last
+  batch) run forward over input tensors decoded and normalised beforehand, already in
+  memory: no read, no decode, no I/O, after a warm-up batch. No end-to-end embedder can
+  beat it on this CPU; its vectors are checked to be the pipeline's, bit for bit.
+- **pipeline**: ``Embedder`` + ``write_embeddings`` end to end (fit, read + decode + resize
+  in DataLoader workers, forward, write Parquet).
+- **naive**: what one writes first, also end to end: PIL per image in the main process,
+  torchvision transforms, fp32, contiguous memory, ``torch.no_grad``, same batch size and
+  the same (seeded random) ResNet18 weights.
+
+With ``--rounds R`` each round runs the three in turn and each figure is the best of the
+R rounds. Prints the CPU (model, AVX-512) and the precision and kernels the pipeline
+picked first, then img/s of each, the end-to-end throughput as a share of the model-only
+limit (``... of model-only limit 0.NN``) and, last, ``speedup X.XXx`` (pipeline vs naive).
+Ratios measured side by side in one run are meaningful on a noisy shared machine;
+absolute img/s are not.
 
     python benchmarks/embed_throughput.py                 # speed, last line "speedup X.XXx"
     python benchmarks/embed_throughput.py --rss 10000 50000   # peak RSS vs number of images
     python benchmarks/embed_throughput.py --compare-precision # bf16 vs fp32 vectors and AUC
 
 Images: the first N of ../shared/datasets/brain_mri_4class when present (real JPEGs),
-else synthetic demo PNGs written to a temp dir.
+else synthetic demo PNGs written to a temp dir. Needs ``triage`` importable
+(``pip install -e .``, or ``PYTHONPATH=<repo root>``).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "datasets" / "brain_mri_4class" / "Training"
 
@@ -70,16 +86,68 @@ def naive_embed(paths: list[str], image_size: int, batch_size: int, seed: int, o
     pd.DataFrame({"id": [str(i) for i in range(len(X))], "vector": list(X)}).to_parquet(out)
 
 
+def make_embedder(image_size: int, batch_size: int, seed: int, precision: str = "auto",
+                  workers: int = -1, kernels: str = "canonical"):
+    """The pipeline side's Embedder, fitted (the first fit in a process fixes oneDNN's ISA)."""
+    from triage.embed import Embedder
+
+    return Embedder("random", seed=seed, image_size=image_size, batch_size=batch_size,
+                    num_workers=workers, precision=precision, kernels=kernels).fit()
+
+
 def fast_embed(paths: list[str], image_size: int, batch_size: int, seed: int, out: Path,
                precision: str = "auto", workers: int = -1, kernels: str = "canonical") -> dict:
-    from triage.embed import Embedder, write_embeddings
+    from triage.store import write_embeddings
 
-    emb = Embedder("random", seed=seed, image_size=image_size, batch_size=batch_size,
-                   num_workers=workers, precision=precision, kernels=kernels).fit()
+    emb = make_embedder(image_size, batch_size, seed, precision, workers, kernels)
     rows = pd.DataFrame({"id": [str(i) for i in range(len(paths))], "path": paths,
                          "split": "unlabeled", "label": None})
-    write_embeddings(emb, rows, out)
+    write_embeddings(rows, out, fingerprint=emb.fingerprint_, compute=emb.iter_batches)
     return emb.fingerprint_
+
+
+def model_inputs(emb, paths: list[str]) -> list:
+    """The batches ``emb.iter_batches`` feeds its model, made in advance (untimed): decoded
+    by the pipeline's own dataset, last batch padded, normalised, channels-last, on the
+    embedder's device."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from triage.backbone import IMAGENET_MEAN, IMAGENET_STD
+    from triage.embed import ImageDataset
+
+    loader = DataLoader(ImageDataset(paths, emb.image_size), batch_size=emb.batch_size,
+                        shuffle=False, num_workers=os.cpu_count() or 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=emb.device_).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=emb.device_).view(1, 3, 1, 1)
+    batches = []
+    with torch.inference_mode():
+        for batch in loader:
+            if len(batch) < emb.batch_size:
+                pad = batch[-1:].expand(emb.batch_size - len(batch), *batch.shape[1:])
+                batch = torch.cat([batch, pad])
+            x = batch.to(emb.device_).unsqueeze(1).float().div_(255.0)
+            batches.append(((x.expand(-1, 3, -1, -1) - mean) / std).contiguous(
+                memory_format=torch.channels_last))
+    return batches
+
+
+def model_only(emb, batches: list, n: int) -> tuple[float, np.ndarray]:
+    """Seconds for the forward passes of ``emb``'s model over ``batches`` (as in
+    ``Embedder.iter_batches``: inference mode, its autocast), and the first ``n`` vectors."""
+    import torch
+
+    dtype = torch.bfloat16 if emb.precision_ == "bf16" else None
+    sync = torch.cuda.synchronize if emb.device_ == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(emb.device_, dtype=dtype,
+                                                enabled=dtype is not None):
+        emb.model_(batches[0])  # warm-up batch
+        sync()
+        start = time.perf_counter()
+        outs = [emb.model_(x) for x in batches]
+        sync()
+        secs = time.perf_counter() - start
+    return secs, torch.cat(outs)[:n].float().cpu().numpy()
 
 
 def timed(fn, *args, **kw) -> tuple[float, object]:
@@ -88,44 +156,99 @@ def timed(fn, *args, **kw) -> tuple[float, object]:
     return time.perf_counter() - start, res
 
 
+def cpu_line() -> str:
+    """CPU model and vector extensions, from /proc/cpuinfo (asks oneDNN nothing: its ISA is
+    fixed at its first use, by the first Embedder)."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and name is None:
+                name = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return (f"cpu: {name}; AVX-512 {'yes' if 'avx512f' in flags else 'no'}, "
+            f"AVX2 {'yes' if 'avx2' in flags else 'no'}, native bf16 {'yes' if bf16 else 'no'}; "
+            f"{os.cpu_count()} cores")
+
+
 def speed(args) -> None:
     import torch
 
-    from triage.embed import read_embeddings
+    from triage.store import read_embeddings
 
+    workers = (os.cpu_count() or 1) if args.workers < 0 else args.workers
+    print(cpu_line())
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths, what = pick_images(args.n, tmp)
-        print(f"images: {what}; image_size {args.image_size}, batch {args.batch_size}, "
-              f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
-        # Warm-up both paths (first-call allocations, file cache) on a few images.
+        n = len(paths)
+        # Warm-up both end-to-end paths (first-call allocations, file cache) on one batch,
         # the pipeline first: it fixes oneDNN's kernels for the process (embed.kernels), so
-        # both sides then run the same convolution kernels
-        fast_embed(paths[:args.batch_size], args.image_size, args.batch_size, 0, tmp / "w2.parquet",
-                   precision=args.precision, kernels=args.kernels)
+        # the naive loop then runs the same convolution kernels
+        fp = fast_embed(paths[:args.batch_size], args.image_size, args.batch_size, 0,
+                        tmp / "w2.parquet", precision=args.precision, workers=workers,
+                        kernels=args.kernels)
         naive_embed(paths[:args.batch_size], args.image_size, args.batch_size, 0, tmp / "w1.parquet")
-        t_naive, _ = timed(naive_embed, paths, args.image_size, args.batch_size, 0,
-                           tmp / "naive.parquet")
-        t_fast, fp = timed(fast_embed, paths, args.image_size, args.batch_size, 0,
-                           tmp / "fast.parquet", precision=args.precision, kernels=args.kernels)
+        # the model-only side: an embedder with the pipeline's settings, inputs made now
+        emb = make_embedder(args.image_size, args.batch_size, 0, args.precision, workers,
+                            args.kernels)
+        if emb.fingerprint_ != fp:
+            raise SystemExit("model-only embedder differs from the pipeline's: "
+                             f"{emb.fingerprint_} vs {fp}")
+        batches = model_inputs(emb, paths)
+        print(f"pipeline: precision {fp['precision']} (asked {args.precision}), kernels "
+              f"{args.kernels} -> {fp['kernels']}, oneDNN ISA cap "
+              f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none (native)')}, fused BatchNorm, "
+              f"channels-last, device {emb.device_}")
+        print(f"images: {what}; image_size {args.image_size}, batch {args.batch_size}, "
+              f"torch threads {torch.get_num_threads()}, decode workers {workers}, "
+              f"rounds {args.rounds} (best of)")
+        t_model = t_fast = t_naive = float("inf")
+        shares = []  # per round: noise on a shared machine shows as their spread
+        for _ in range(args.rounds):
+            secs_model, X_model = model_only(emb, batches, n)
+            t_model = min(t_model, secs_model)
+            secs, _ = timed(fast_embed, paths, args.image_size, args.batch_size, 0,
+                            tmp / "fast.parquet", precision=args.precision, workers=workers,
+                            kernels=args.kernels)
+            t_fast = min(t_fast, secs)
+            shares.append(secs_model / secs)
+            secs, _ = timed(naive_embed, paths, args.image_size, args.batch_size, 0,
+                            tmp / "naive.parquet")
+            t_naive = min(t_naive, secs)
         naive = np.stack(pd.read_parquet(tmp / "naive.parquet")["vector"].to_numpy())
         _, fast, _ = read_embeddings(tmp / "fast.parquet")
         cos = (naive * fast).sum(1) / (np.linalg.norm(naive, axis=1) * np.linalg.norm(fast, axis=1))
-        n = len(paths)
-        print(f"naive  : {n / t_naive:7.1f} img/s ({t_naive:.1f} s)")
-        print(f"fast   : {n / t_fast:7.1f} img/s ({t_fast:.1f} s) precision={fp['precision']}")
-        print(f"vectors: mean cosine(naive, fast) = {cos.mean():.5f} (min {cos.min():.5f})")
+        same = np.array_equal(X_model, fast)
+        limit, e2e = n / t_model, n / t_fast
+        print(f"model-only: {limit:7.1f} img/s ({t_model:.1f} s) forward only, inputs in memory")
+        print(f"pipeline  : {e2e:7.1f} img/s ({t_fast:.1f} s) end to end")
+        print(f"naive     : {n / t_naive:7.1f} img/s ({t_naive:.1f} s) end to end")
+        print(f"vectors: mean cosine(naive, pipeline) = {cos.mean():.5f} (min {cos.min():.5f}); "
+              f"model-only = pipeline bit for bit: "
+              f"{'yes' if same else f'NO (max |diff| {np.abs(X_model - fast).max():.3g})'}")
+        print(f"machine load (1-min average): {load_before:.2f} before, "
+              f"{os.getloadavg()[0]:.2f} after; share by round: "
+              + " ".join(f"{share:.2f}" for share in shares))
+        print(f"end-to-end {e2e:.1f} img/s vs model-only {limit:.1f} img/s: share "
+              f"of model-only limit {t_model / t_fast:.2f}")
         print(f"speedup {t_naive / t_fast:.2f}x")
 
 
 RSS_CHILD = """
-import resource, sys
-sys.path.insert(0, {root!r})
+import resource
 import pandas as pd
-from triage.embed import Embedder, write_embeddings
+from triage.embed import Embedder
+from triage.store import write_embeddings
 rows = pd.read_parquet({rows!r})
 emb = Embedder("random", seed=0, image_size={size}, batch_size=64, num_workers=-1).fit()
-write_embeddings(emb, rows, {out!r})
+write_embeddings(rows, {out!r}, fingerprint=emb.fingerprint_, compute=emb.iter_batches)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -149,7 +272,7 @@ def rss(args) -> None:
             rows = pd.DataFrame({"id": [f"{i:06d}" for i in range(n)], "path": paths[:n],
                                  "split": "unlabeled", "label": None})
             rows.to_parquet(tmp / "rows.parquet")
-            code = RSS_CHILD.format(root=str(ROOT), rows=str(tmp / "rows.parquet"), size=size,
+            code = RSS_CHILD.format(rows=str(tmp / "rows.parquet"), size=size,
                                     out=str(tmp / "out.parquet"))
             start = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -204,6 +327,11 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--kernels", default="canonical", choices=["canonical", "fast"],
                     help="embed.kernels of the pipeline side (canonical: oneDNN pinned to AVX2)")
+    ap.add_argument("--workers", type=int, default=-1,
+                    help="decode workers of the pipeline side (embed.num_workers; -1: all cores)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of model-only, pipeline, naive; each figure is the best round "
+                         "(the model-only inputs stay in memory: 0.6 MB per image at 224 px)")
     ap.add_argument("--rss", type=int, nargs="*", help="measure peak RSS at these stock sizes")
     ap.add_argument("--compare-precision", action="store_true",
                     help="bf16 vs fp32: vector cosine and downstream AUC on the demo")

@@ -231,7 +231,11 @@ class Embedder:
         mean = torch.tensor(IMAGENET_MEAN, device=self.device_).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device_).view(1, 3, 1, 1)
         dtype = torch.bfloat16 if self.precision_ == "bf16" else None
+        size = (self.batch_size, 3, self.image_size, self.image_size)
         with torch.inference_mode():
+            # one channels-last input buffer, normalised in place: the same bits as
+            # ((x - mean) / std).contiguous(channels_last), at half the memory traffic
+            x = torch.empty(size, device=self.device_).contiguous(memory_format=torch.channels_last)
             for batch in loader:
                 n = len(batch)
                 if n < self.batch_size:
@@ -241,9 +245,8 @@ class Embedder:
                     # incremental runs would not reproduce a fresh run byte for byte.
                     pad = batch[-1:].expand(self.batch_size - n, *batch.shape[1:])
                     batch = torch.cat([batch, pad])
-                x = batch.to(self.device_, non_blocking=True).unsqueeze(1).float().div_(255.0)
-                x = ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous(
-                    memory_format=torch.channels_last)
+                grey = batch.to(self.device_, non_blocking=True).unsqueeze(1).float().div_(255.0)
+                torch.sub(grey.expand(-1, 3, -1, -1), mean, out=x).div_(std)
                 with torch.autocast(self.device_, dtype=dtype, enabled=dtype is not None):
                     out = self.model_(x)
                 yield out[:n].float().cpu().numpy()

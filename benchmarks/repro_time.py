@@ -114,8 +114,9 @@ def stage_costs(repo: Path, env: dict) -> dict[str, tuple[float, float]]:
         starts = []
         for _ in range(3):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, '.'); "
-                            f"runpy.run_path({str(script)!r}, run_name='startup')"],
+            # `-c` puts the working directory (the repo) first on sys.path
+            subprocess.run([sys.executable, "-c",
+                            f"import runpy; runpy.run_path({str(script)!r}, run_name='startup')"],
                            cwd=repo, env=env, check=True, capture_output=True)
             starts.append(time.perf_counter() - t)
         cmd = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()

@@ -252,3 +252,15 @@ def test_annotations_file_without_the_right_columns_is_refused(layout):
     ann = _write_csv(root / "annotations.csv", "file,class\na.png,cancer\n")
     with pytest.raises(DataError, match="columns must be `path` or `id`"):
         build_manifest(root, "cancer", 0.25, 0, annotations=ann)
+
+
+@pytest.mark.parametrize("n,d,block", [(703, 32, 64), (5, 3, 64), (130, 10, 7), (2, 1, 1)])
+def test_nearest_other_distance_in_blocks_is_the_broadcast_bit_for_bit(n, d, block):
+    # blocks bound the memory of batch_stats (a 700-row broadcast was ~130 MB) and must not
+    # change the diversity metric's bits (a DVC output)
+    from triage.select import nearest_other_distance
+
+    Z = np.random.default_rng(n).normal(size=(n, d))
+    D = np.sqrt(((Z[:, None] - Z[None]) ** 2).sum(-1))
+    np.fill_diagonal(D, np.inf)
+    np.testing.assert_array_equal(nearest_other_distance(Z, block=block), D.min(1))

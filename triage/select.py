@@ -190,7 +190,18 @@ def batch_stats(Z_sel: np.ndarray, Z_pool: np.ndarray) -> dict:
         out["median_pairwise_distance"] = float(np.median(D[iu]))
     sub = Z_pool[:: max(1, len(Z_pool) // 500)]
     if len(sub) >= 2:
-        D = np.sqrt(((sub[:, None] - sub[None]) ** 2).sum(-1))
-        np.fill_diagonal(D, np.inf)
-        out["pool_median_nn_distance"] = float(np.median(D.min(1)))
+        out["pool_median_nn_distance"] = float(np.median(nearest_other_distance(sub)))
     return out
+
+
+def nearest_other_distance(Z: np.ndarray, block: int = 64) -> np.ndarray:
+    """Distance from each row to its nearest other row, in row blocks: the (n, n, d)
+    difference array of one broadcast would be ~130 MB for 700 rows of 32 dimensions.
+    Each distance is the same sum over d as the broadcast's, so the same bits."""
+    nearest = np.empty(len(Z))
+    for start in range(0, len(Z), block):
+        D = np.sqrt(((Z[start:start + block, None] - Z[None]) ** 2).sum(-1))
+        rows = np.arange(len(D))
+        D[rows, start + rows] = np.inf
+        nearest[start:start + block] = D.min(1)
+    return nearest

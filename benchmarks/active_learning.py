@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from triage.checkout import require_own_checkout
 from triage.embed import Embedder
 from triage.models import make_classifier
 from triage.select import select_batch
@@ -171,6 +172,7 @@ def summary(df: pd.DataFrame) -> str:
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["demo", "brain"], choices=["demo", "brain"])
     ap.add_argument("--seeds", type=int, default=5)

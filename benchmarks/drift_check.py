@@ -1,8 +1,8 @@
 """Does the drift stage see drift where there is some, and none where there is none?
 
-Runs `stages/drift.py` (ad hoc mode: nothing DVC tracks is written) on the held-out test
+Runs `python -m stages.drift` (ad hoc mode: nothing DVC tracks is written) on the held-out test
 split and on shifted copies of it, plus images from another dataset when
-../shared/datasets is present, and prints the markdown table kept in the README.
+../shared/datasets is present, and prints the markdown table kept in docs/serving.md.
 Needs the pipeline's outputs first (`dvc repro`).
 
     python benchmarks/drift_check.py
@@ -41,7 +41,7 @@ def write_batch(paths: list[str], out: Path, transform) -> Path:
 
 def run_drift(batch: Path | None, tmp: Path, name: str) -> dict:
     metrics = tmp / f"{name}.json"
-    cmd = [sys.executable, "stages/drift.py", "--report", str(tmp / f"{name}.html"),
+    cmd = [sys.executable, "-m", "stages.drift", "--report", str(tmp / f"{name}.html"),
            "--metrics", str(metrics)]
     if batch is not None:
         cmd += ["--batch", str(batch)]

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from triage.checkout import require_own_checkout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "datasets" / "brain_mri_4class" / "Training"
@@ -320,6 +322,7 @@ def precision_compare(args) -> None:
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=512, help="images for the speed comparison")
     ap.add_argument("--image-size", type=int, default=224)

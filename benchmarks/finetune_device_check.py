@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from triage.checkout import require_own_checkout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,7 @@ def demo_rows(root: Path, n_lab: int, n_pool: int, n_test: int) -> pd.DataFrame:
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     from sklearn.metrics import roc_auc_score
 
     from triage.finetune import FinetuneConfig, run_finetune

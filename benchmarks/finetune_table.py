@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from semisup_data import SHARED, SPLIT_SEED, _split, brain_mri_unique, pneumonia_pngs
 
+from triage.checkout import require_own_checkout
 from triage.finetune import FinetuneConfig, predict_proba, train_model, training_rows
 from triage.metrics import evaluate_scores, paired_delta
 from triage.models import fit_weighted, make_classifier, positive_proba
@@ -250,6 +251,7 @@ def write_section(path: Path, section: str) -> None:
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--epochs", type=int, default=15)

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from triage.checkout import require_own_checkout
 from triage.qc import inspect_all, resolve_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=DEFAULT)
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")

@@ -170,6 +170,9 @@ def _finish(rows: pd.DataFrame, X: np.ndarray, info: dict):
 DATASETS = {"demo": demo, "brain_mri_4class": brain_mri, "pneumoniamnist": pneumonia}
 
 if __name__ == "__main__":
+    from triage.checkout import require_own_checkout
+
+    require_own_checkout(__file__)
     import time
 
     for name in sys.argv[1:] or list(DATASETS):

@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 from semisup_data import DATASETS
 
+from triage.checkout import require_own_checkout
 from triage.cluster import make_clusterer
 from triage.crossval import crossval_semisup
 from triage.metrics import evaluate_scores, paired_delta
 from triage.models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
 from triage.params import load_params
-from triage.pseudo import LABELLERS, STRATEGIES, pseudo_label_quality, run_strategy
+from triage.pseudo import STRATEGIES, labeller_for, pseudo_label_quality, run_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def run_dataset(name: str, params: dict, strategies, n_boot: int) -> tuple[list[
         p = {**p0, "strategy": strategy}
         params_s = {**params, "pseudo": p}
         pool_cl = lab_cl = None
-        if LABELLERS[strategy].uses_clusters:
+        if labeller_for(strategy).uses_clusters:
             if clusters is None:
                 clusters = make_clusterer(params["cluster"]).fit(np.concatenate([X_lab, X[pool]]))
             lab_cl, pool_cl = clusters.labels_[: len(X_lab)], clusters.labels_[len(X_lab):]
@@ -219,6 +220,7 @@ SUMMARY_PLACEHOLDER = "<!-- summary -->"
 
 
 def main() -> None:
+    require_own_checkout(__file__)
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))

@@ -4,13 +4,14 @@ Called by scripts/review.sh; prints the markdown that embeds the images. The cur
 from the DVCLive plot files under metrics/evaluate/, which are committed to git, so the
 base revision needs no DVC remote.
 
-    python scripts/plot_diff.py <base-rev> <out-dir>
+    python -m scripts.plot_diff <base-rev> <out-dir>     # from the repository root
 """
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from triage.checkout import require_own_checkout
 from triage.plotting import line_chart
 
 MODELS = ("baseline", "semi_supervised")
@@ -36,6 +37,7 @@ def load_curve(rev: str | None, path: str, xf: str, yf: str):
 
 
 def main(base: str, out_dir: str) -> None:
+    require_own_checkout(__file__)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stem, (title, xf, yf, xl, yl, diag) in PLOTS.items():

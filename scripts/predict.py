@@ -11,6 +11,7 @@ qc.*). Prints counts only, never file names.
 """
 import argparse
 
+from triage.checkout import require_own_checkout
 from triage.inference import Predictor, image_files
 from triage.io import run_stage, write_csv
 from triage.params import load_params
@@ -30,6 +31,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    require_own_checkout(__file__)
     args = parse(argv)
     params = load_params(args.params)
     model = args.model or params["inference"]["model"]

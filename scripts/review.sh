@@ -45,4 +45,4 @@ mkdir -p "$plots_dir"
 dvc plots diff "$base" --out "$plots_dir" >/dev/null 2>&1 \
   && echo "Interactive: \`${plots_dir}/index.html\` (\`dvc plots diff ${base}\`)." \
   || echo "\`dvc plots diff\` failed; see the PNGs below."
-"$python" scripts/plot_diff.py "$base" "$plots_dir"
+"$python" -m scripts.plot_diff "$base" "$plots_dir"

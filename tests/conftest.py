@@ -47,7 +47,7 @@ class Reproduced:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> Reproduced:
+def tiny_pipeline(request, tmp_path_factory) -> Reproduced:
     """The one full `dvc repro` the end-to-end tests share. Never change ``repo``: take a
     copy with ``helpers.clone_repo`` (tests/test_pipeline.py, tests/test_reproducibility.py).
 
@@ -55,21 +55,29 @@ def tiny_pipeline(tmp_path_factory) -> Reproduced:
     the base temp folder all workers share, the others wait on a file lock and reuse it."""
     import fcntl
     import json
+    import shutil
 
     from helpers import make_repo, output_hashes, plain_env, run
 
     shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the workers' common base temp
+    if hasattr(request.config, "workerinput"):  # an xdist worker
+        shared = shared.parent  # the workers' common base temp (this run's, never reused)
     tmp = shared / "tiny_pipeline"
-    done = shared / "tiny_pipeline.json"
+    done, failed = shared / "tiny_pipeline.json", shared / "tiny_pipeline.failed"
     with open(shared / "tiny_pipeline.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.is_file():  # built and failed in another worker: fail the same, fast
+            pytest.fail(f"the shared TINY pipeline failed to build:\n{failed.read_text()}")
         if not done.is_file():
-            tmp.mkdir(exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             env = plain_env(tmp)
-            repo = make_repo(tmp, env)  # the project's sources, TINY params, a fresh git repo
-            first = run(["dvc", "repro"], repo, env)
+            try:
+                repo = make_repo(tmp, env)  # the project's sources, TINY params, a fresh git repo
+                first = run(["dvc", "repro"], repo, env)
+            except Exception as exc:
+                failed.write_text(str(exc)[-20000:])
+                raise
             done.write_text(json.dumps({"stdout": first.stdout,
                                         "lock": (repo / "dvc.lock").read_text(),
                                         "hashes": output_hashes(repo)}))

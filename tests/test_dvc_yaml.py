@@ -50,6 +50,8 @@ def closure(script: str) -> set[str]:
     # mode, which the embedding's bits depend on)
     if any(rel.startswith("triage/") for rel in seen):
         seen.add("triage/__init__.py")
+    if script.startswith("stages/"):
+        seen.add("stages/__init__.py")  # `python -m stages.<x>` runs the package first
     return seen
 
 
@@ -137,3 +139,9 @@ def test_stages_that_read_vectors_never_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_lists_each_dep_once(name):
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in STAGES[name]["deps"]]
+    assert len(deps) == len(set(deps)), f"stage {name}: {sorted(d for d in deps if deps.count(d) > 1)}"

@@ -4,6 +4,7 @@ runs as a user runs it."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,20 @@ def test_predictor_is_deterministic(tiny, tmp_path):
     a, b = pred.predict_paths(imgs), pred.predict_paths(imgs[::-1])
     assert a["probability"].tolist() == b["probability"].tolist()[::-1]  # batch order irrelevant
     json.dumps(a.to_dict(orient="records"))  # serialisable as the API returns it
+
+
+def test_cli_refuses_to_run_another_checkouts_package(tmp_path):
+    # run by path, a script finds the pip-installed (editable) triage first: in a second
+    # checkout that would silently be the other checkout's code
+    other = tmp_path / "other_checkout"
+    (other / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "predict.py", other / "scripts" / "predict.py")
+    res = subprocess.run([sys.executable, str(other / "scripts" / "predict.py"), str(tmp_path)],
+                         cwd=other, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 1
+    assert "belongs to the checkout" in res.stderr and str(other) in res.stderr
+    assert "Traceback" not in res.stderr
+    ok = subprocess.run([sys.executable, "-m", "scripts.predict", "--help"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "folder of new images" in ok.stdout

@@ -343,7 +343,7 @@ SKOPS_TYPES = ("import json, sys\n{pre}import skops.io._trusted_types as t\n"
 
 def test_skops_loads_without_torch_and_trusts_the_same_types():
     # skops' type scan walks sklearn's array-API shim for torch: ~1 s and ~600 MB RSS in
-    # stages that never touch a tensor. skops_io() hides torch for that import only.
+    # stages that never touch a tensor. skops_io() hides that adapter for the import only.
     import json
     import subprocess
     import sys
@@ -357,7 +357,9 @@ def test_skops_loads_without_torch_and_trusts_the_same_types():
     hidden = run("from triage.models import skops_io; skops_io()\n")
     assert plain["torch"] and not hidden["torch"]
     assert hidden["types"] == plain["types"] and len(plain["types"]) > 100
+    # torch and sklearn's torch adapter import normally afterwards
     after = subprocess.run([sys.executable, "-c", "from triage.models import skops_io; skops_io(); "
-                            "import torch; print(torch.ones(3).sum().item())"],
+                            "import sklearn.externals.array_api_compat.torch as shim, torch; "
+                            "print(shim.__name__, torch.ones(3).sum().item())"],
                            capture_output=True, text=True, check=True).stdout
-    assert after.strip() == "3.0"
+    assert after.strip() == "sklearn.externals.array_api_compat.torch 3.0"

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from .models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
-from .pseudo import LABELLERS, pseudo_label_quality, run_strategy
+from .pseudo import labeller_for, pseudo_label_quality, run_strategy
 
 
 def fold_splits(y: np.ndarray, folds: int, repeats: int, seed: int):
@@ -82,7 +82,7 @@ def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np
     """
     p, t = params["pseudo"], params["train"]
     pool_clusters = lab_clusters = None
-    if LABELLERS[p["strategy"]].uses_clusters or params["cluster"]["method"] == "hdbscan":
+    if labeller_for(p["strategy"]).uses_clusters or params["cluster"]["method"] == "hdbscan":
         model = cluster_for_fold(params["cluster"], np.concatenate([X_lab, X_pool]))
         lab_clusters, pool_clusters = model.labels_[: len(X_lab)], model.labels_[len(X_lab):]
     pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, pool_clusters,

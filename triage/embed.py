@@ -1,4 +1,5 @@
-"""ResNet18 feature extractor: weights resolution, preprocessing, batched embedding.
+"""ResNet18 feature extractor: kernels, precision, preprocessing, batched embedding (the
+weights come from triage/backbone.py, the vector store is triage/store.py).
 
 The embedding *fingerprint* (backbone, weights and their hash, preprocessing, size,
 precision, library versions) is stored in the Parquet schema metadata so a model

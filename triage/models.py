@@ -6,7 +6,6 @@ allowlist, so opening a model file cannot execute arbitrary code (unlike pickle)
 
 from __future__ import annotations
 
-import importlib.abc
 import io
 import json
 import sys
@@ -190,35 +189,31 @@ def _canonical_skops(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-class _TorchHidden(importlib.abc.MetaPathFinder):
-    """Makes ``import torch`` fail (ModuleNotFoundError) while it is on sys.meta_path."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"torch hidden while skops builds its type list: {name}")
-        return None
+# sklearn's array-API adapter for torch: importing it imports torch.
+TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
 
 
 def skops_io():
     """``skops.io``, imported lazily and without pulling in torch.
 
     Importing skops builds its trusted-type list with ``sklearn.utils.all_estimators()``,
-    which imports every sklearn package, including the array-API shim for torch
-    (``sklearn.externals.array_api_compat.torch``): that alone costs ~1 s and ~600 MB RSS
-    in stages that never touch a tensor. The walk skips packages that fail to import and
-    the shim holds no estimator, so torch is hidden for the import only: the type list is
-    the same (tests/test_models.py) and torch imports normally afterwards.
+    which imports every sklearn package, including the array-API adapter for torch
+    (:data:`TORCH_SHIM`): that alone costs ~1 s and ~600 MB RSS in stages that never touch
+    a tensor. The walk skips packages that fail to import and the adapter holds no
+    estimator, so only that one module is marked unimportable (``None`` in sys.modules)
+    for the import: torch itself stays importable from any thread, the type list is the
+    same and the adapter imports normally afterwards (tests/test_models.py).
     """
-    if "skops.io" in sys.modules or "torch" in sys.modules:
+    if "skops.io" in sys.modules or TORCH_SHIM in sys.modules:
         import skops.io as sio
 
         return sio
-    hidden = _TorchHidden()
-    sys.meta_path.insert(0, hidden)
+    sys.modules[TORCH_SHIM] = None
     try:
         import skops.io as sio
     finally:
-        sys.meta_path.remove(hidden)
+        if sys.modules.get(TORCH_SHIM, ...) is None:
+            del sys.modules[TORCH_SHIM]
     return sio
 
 

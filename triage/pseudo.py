@@ -481,17 +481,21 @@ LABELLERS: dict[str, type[PseudoLabeler]] = {
 }
 
 
+def labeller_for(strategy: str) -> type[PseudoLabeler]:
+    """The labeller class of a ``pseudo.strategy`` (ValueError naming the choices)."""
+    try:
+        return LABELLERS[strategy]
+    except KeyError:
+        raise ValueError(f"unknown pseudo.strategy {strategy!r} (one of {sorted(LABELLERS)})") from None
+
+
 def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab,
                  pool_clusters=None, lab_clusters=None) -> pd.DataFrame:
     """The labeller ``p['strategy']`` built from the ``pseudo.*`` params ``p`` (seed
     ``p['seed']``), fitted on this pool: the one entry point the stage and the
     cross-validation share. ``pool_clusters``/``lab_clusters`` are needed by cluster_vote;
     ``pool_clusters`` excludes HDBSCAN noise (cluster -1) in every strategy."""
-    try:
-        labeller = LABELLERS[p["strategy"]]
-    except KeyError:
-        raise ValueError(f"unknown pseudo.strategy {p['strategy']!r}") from None
-    return labeller.from_params(p, positive).fit_predict(
+    return labeller_for(p["strategy"]).from_params(p, positive).fit_predict(
         PoolData(pool_ids, X_pool, X_lab, y_lab, pool_clusters, lab_clusters))
 
 

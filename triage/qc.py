@@ -54,8 +54,6 @@ HIST_BINS = 32                # per-image intensity histogram (0-255) for the re
 SPLITS = ("labeled", "unlabeled", "test")
 SPLIT_RANK = {"labeled": 0, "unlabeled": 1, "test": 2}  # which copy of a duplicate is kept
 
-# Defaults of the checks added after the first QC (the stage passes every qc.* param).
-
 
 def inspect_image(path: str, max_pixels: int, convert_modes: bool = True) -> dict:
     """Fully decode one image and measure it. Never raises: failures are returned as data.

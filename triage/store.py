@@ -48,8 +48,9 @@ def read_fingerprint(path: str | Path) -> dict:
     return json.loads(meta.get(FINGERPRINT_KEY, b"{}"))
 
 
-def load_reusable(path: str | Path, fingerprint: str) -> dict[str, np.ndarray]:
-    """Vectors of a previous run keyed by image id, if made with the same fingerprint.
+def load_reusable(path: str | Path, fingerprint_hash: str) -> dict[str, np.ndarray]:
+    """Vectors of a previous run keyed by image id, if made with the same fingerprint
+    (``fingerprint_hash``: the ``fingerprint`` field of the fingerprint record).
 
     Anything unreadable (missing, truncated, other fingerprint) means "reuse nothing":
     the store is an optimisation, never a source of truth.
@@ -62,7 +63,7 @@ def load_reusable(path: str | Path, fingerprint: str) -> dict[str, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 - a corrupt cache must not stop the stage
         log.warning("embed: ignoring unreadable previous embeddings (%s)", type(exc).__name__)
         return {}
-    if stored.get("fingerprint") != fingerprint:
+    if stored.get("fingerprint") != fingerprint_hash:
         log.info("embed: embedding fingerprint changed: recomputing every image")
         return {}
     return dict(zip(rows["id"], X))

@@ -27,6 +27,11 @@ def main() -> None:
     assigned[pool] = model.labels_
     assignments = rows[["id", "split"]].assign(cluster=assigned.astype("int32"))
     Z = model.transform(X[pool])
+    used = int(model.n_components_)
+    if used < int(c["pca_components"]):
+        print(f"cluster: note: cluster.pca_components={c['pca_components']} capped to {used} "
+              f"(at most min(images to cluster, embedding dimensions) = min({int(pool.sum())}, "
+              f"{X.shape[1]})); metric pca_components_used")
     clustered = model.labels_ >= 0
     quality = cluster_quality(Z[clustered], model.labels_[clustered], seed=c["seed"])
     known = rows.loc[pool, "label"].where(rows.loc[pool, "split"] == "labeled")
@@ -42,6 +47,7 @@ def main() -> None:
                 live.log_metric(key, round(value, 6), plot=False)
         live.log_metric("explained_variance", round(model.explained_variance_, 6), plot=False)
         live.log_metric("k", int(model.k_), plot=False)
+        live.log_metric("pca_components_used", used, plot=False)
         live.log_metric("noise_fraction", round(float((~clustered).mean()), 6), plot=False)
         real = purity[purity["cluster"] >= 0]
         with_labels = real[real["n_labeled"] > 0]

@@ -3,19 +3,24 @@ from pathlib import Path
 
 from triage.io import open_live, run_stage, write_parquet
 from triage.params import load_params
-from triage.prepare import MANIFEST_SCHEMA, build_manifest
+from triage.prepare import MANIFEST_SCHEMA, build_manifest, min_labeled_per_class
 
 OUT = Path("data/prepared/manifest.parquet")
 DEMO_ROOT = "data/demo/raw"
 
 
 def main() -> None:
-    data = load_params()["data"]
+    params = load_params()
+    data = params["data"]
+    # the first stage that knows the labelled counts stops on a set too small for the chain
+    minimum, why = min_labeled_per_class(params)
     root = DEMO_ROOT if data["source"] == "demo" else data["root"]
     # Active-learning labels: <data.root>/annotations.csv in both modes (data.root is a dep).
     annotations = Path(data["root"]) / "annotations.csv"
     manifest, info = build_manifest(root, data["positive_class"], data["test_fraction"], data["seed"],
-                                    annotations=annotations)
+                                    annotations=annotations,
+                                    links_outside_root=data["links_outside_root"],
+                                    min_per_class=minimum, min_per_class_why=why)
     write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA)
     with open_live("prepare") as live:
         live.log_metric("n_files", len(manifest), plot=False)
@@ -28,6 +33,7 @@ def main() -> None:
         live.log_metric("n_hidden_ignored", info["n_hidden_ignored"], plot=False)
         live.log_metric("n_annotated", info["n_annotated"], plot=False)
         live.log_param("test_source", info["test_source"])
+        live.log_param("min_labeled_per_class", minimum)
 
 
 if __name__ == "__main__":

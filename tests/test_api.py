@@ -215,3 +215,47 @@ def test_app_refuses_a_fingerprint_mismatch(served, tmp_path):
     with pytest.raises(FingerprintMismatch):
         create_app(tiny["model"], params, embeddings_path=None)
     assert yaml.safe_load(params.read_text())["embed"]["seed"] == 1
+
+
+def test_model_does_not_reveal_absolute_server_paths(served, tmp_path, monkeypatch):
+    tiny, client = served
+    m = client.get("/model").json()
+    # the model lies outside the working directory: only its file name is shown
+    assert m["path"] == tiny["model"].name
+    assert str(tiny["root"]) not in json.dumps(m)
+    from triage.api import shown_model_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    inside = tmp_path / "data" / "models" / "m.skops"
+    assert shown_model_path(inside) == "data/models/m.skops"
+    assert shown_model_path("data/models/m.skops") == "data/models/m.skops"
+    assert shown_model_path("/elsewhere/secret/m.skops") == "m.skops"
+
+
+def test_no_docs_pages_that_need_a_cdn(served):
+    _, client = served
+    for url in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(url).status_code == 404, url
+
+
+def _access_record(path_with_query):
+    # exactly what uvicorn's HTTP protocols log on "uvicorn.access"
+    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                             '%s - "%s %s HTTP/%s" %d',
+                             ("127.0.0.1:5000", "GET", path_with_query, "1.1", 200), None)
+
+
+def test_access_log_drops_query_strings(served):
+    import uvicorn
+
+    # uvicorn configures its loggers when its Config is made (after create_app in main())
+    uvicorn.Config(served[1].app, log_level="info")
+    logger = logging.getLogger("uvicorn.access")
+    rec = _access_record("/model?patient_id=Jane_Doe_1970")
+    assert all(f.filter(rec) for f in logger.filters) and logger.filters
+    msg = rec.getMessage()
+    assert "Jane_Doe" not in msg and "patient_id" not in msg and "?" not in msg
+    assert '"GET /model HTTP/1.1" 200' in msg
+    rec = _access_record("/health")
+    assert all(f.filter(rec) for f in logger.filters)
+    assert '"GET /health HTTP/1.1" 200' in rec.getMessage()

@@ -603,3 +603,17 @@ def test_confidence_balance_holds_after_the_noise_filter(two_class_pool):
     counts = out["label"].value_counts()
     assert counts.get("cancer", 0) == counts.get("normal", 0) > 0
     assert not set(out["id"]) & set(ids[~allowed])
+
+
+def test_pca_components_cap_is_reported():  # issue #14
+    from pathlib import Path
+
+    import numpy as np
+
+    from triage.cluster import PoolClusterer
+
+    X = np.random.default_rng(0).normal(size=(30, 8))
+    model = PoolClusterer(n_components=1000, k=3).fit(X)
+    assert model.n_components_ == 8
+    src = (Path(__file__).resolve().parents[1] / "stages" / "cluster.py").read_text()
+    assert "pca_components_used" in src and "capped" in src

@@ -146,3 +146,60 @@ def test_cli_refuses_to_run_another_checkouts_package(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "scripts.predict", "--help"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "folder of new images" in ok.stdout
+
+
+def test_batch_cli_non_utf8_file_name_is_a_row_not_a_lost_batch(tiny, tmp_path):
+    new = tmp_path / "batch"
+    good = [blob_image(new / f"scan_{i}.png", cancer=i < 1, seed=300 + i) for i in range(2)]
+    F.write_non_utf8_name(new, stem=b"scan_\xff")
+    out = tmp_path / "pred.csv"
+    res = _run_cli([str(new), "--out", str(out), "--params", str(tiny["params"]),
+                    "--embeddings", str(tmp_path / "none.parquet")], cwd=tiny["root"])
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    df = pd.read_csv(out)
+    assert len(df) == 3
+    bad = df[df["qc_status"] == "non_utf8_filename"]
+    assert len(bad) == 1 and bad["probability"].isna().all() and bad["needs_review"].all()
+    assert bad["path"].iloc[0].endswith("scan_\\xff.png")  # the undecodable byte, escaped
+    ok = df[df["qc_status"] == "ok"]
+    assert sorted(Path(p).name for p in ok["path"]) == [g.name for g in good]
+    assert ok["probability"].between(0, 1).all()
+
+
+def test_predictor_gives_non_utf8_names_a_safe_path(tiny, tmp_path):
+    bpath = F.write_non_utf8_name(tmp_path, stem=b"x_\xfe")
+    name = os.fsdecode(bpath)
+    pred = Predictor(tiny["bundle"], tiny["embedder"], qc=yaml.safe_load(
+        tiny["params"].read_text())["qc"], review_margin=0.05)
+    df = pred.predict_paths([name])
+    assert df["qc_status"].tolist() == ["non_utf8_filename"]
+    df["path"].iloc[0].encode("utf-8")  # no lone surrogates
+    assert df["path"].iloc[0].endswith("x_\\xfe.png")
+
+
+def test_batch_cli_neutralises_a_formula_file_name(tiny, tmp_path):
+    new = tmp_path / "batch"
+    blob_image(new / '=HYPERLINK("http:__evil","open").png', cancer=True, seed=5)
+    blob_image(new / "-2+3.png", cancer=False, seed=6)
+    out = tmp_path / "pred.csv"
+    res = _run_cli([".", "--out", str(out), "--params", str(tiny["params"]),
+                    "--embeddings", str(tmp_path / "none.parquet")], cwd=new)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "\n=" not in text and ",=" not in text and "\n-" not in text
+    df = pd.read_csv(out)
+    assert sorted(df["path"]) == ["'-2+3.png", "'=HYPERLINK(\"http:__evil\",\"open\").png"]
+    assert (df["qc_status"] == "ok").all()
+
+
+def test_batch_cli_out_under_a_file_is_one_clear_line(tiny, tmp_path):
+    blob_image(tmp_path / "new" / "a.png", True, 1)
+    (tmp_path / "some_file").write_text("x")
+    res = _run_cli([str(tmp_path / "new"), "--out", str(tmp_path / "some_file" / "x.csv"),
+                    "--params", str(tiny["params"]), "--embeddings", str(tmp_path / "none.parquet")],
+                   cwd=tiny["root"])
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("ERROR")]
+    assert len(err) == 1 and f"cannot write {tmp_path / 'some_file' / 'x.csv'}" in err[0]

@@ -242,3 +242,26 @@ def test_validate_does_not_modify_its_input(raw):
     before = copy.deepcopy(raw)
     validate(raw)
     assert raw == before
+
+
+# --------------------------------------------------------------------------- issue #14
+
+
+def test_k_min_above_k_max_is_a_params_error_naming_both_keys(tmp_path, raw):
+    _set(raw, "cluster.k", "auto")
+    _set(raw, "cluster.k_min", 8)
+    _set(raw, "cluster.k_max", 4)
+    with pytest.raises(ParamsError, match=r"cluster\.k_min.*cluster\.k_max"):
+        load_params(_write(tmp_path, raw))
+    _set(raw, "cluster.k_max", 8)  # equal is a one-k sweep: fine
+    assert load_params(_write(tmp_path, raw))["cluster"]["k_max"] == 8
+
+
+def test_exponent_without_a_dot_says_how_to_write_it(tmp_path, raw):
+    path = _write(tmp_path, raw)
+    path.write_text(path.read_text().replace("  C: 0.1\n", "  C: 1e-3\n"))
+    assert yaml.safe_load(path.read_text())["train"]["C"] == "1e-3"  # YAML 1.1: a string
+    with pytest.raises(ParamsError, match=r"'train\.C'.*write 1\.0e-3"):
+        load_params(path)
+    path.write_text(path.read_text().replace("  C: 1e-3\n", "  C: 1.0e-3\n"))
+    assert load_params(path)["train"]["C"] == 0.001

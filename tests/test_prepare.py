@@ -284,3 +284,127 @@ def test_test_class_not_among_labelled_classes(tmp_path):
     with pytest.raises(DataError, match="benign") as exc:
         build_manifest(tmp_path / "raw", "cancer", 0.25, 0)
     assert str(tmp_path / "raw" / "test") in str(exc.value)
+
+
+# --------------------------------------------------------------------------- symlinks (issue #14)
+
+
+def _outside_dir(tmp_path):
+    ext = tmp_path / "elsewhere"
+    for i in range(3):
+        F.write_png(ext / f"x_{i}.png", seed=950 + i)
+    return ext
+
+
+def test_symlinked_folder_inside_the_layout_is_followed(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=2, n_test={"cancer": 1, "normal": 1})
+    os.symlink(_outside_dir(tmp_path), lay["root"] / "unlabeled" / "more")
+    df, _ = build_manifest(lay["root"], "cancer", 0.25, 0)  # library default: follow
+    more = df[df["path"].str.contains("/unlabeled/more/")]
+    assert len(more) == 3 and more["read_error"].isna().all()
+    assert (more["split"] == "unlabeled").all()
+    assert len(df) == 8 + 2 + 2 + 3
+
+
+def test_link_outside_root_is_quarantined_for_files_and_folders_alike(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=2, n_test={"cancer": 1, "normal": 1})
+    ext = _outside_dir(tmp_path)
+    os.symlink(ext, lay["root"] / "unlabeled" / "more")
+    os.symlink(ext / "x_0.png", lay["root"] / "unlabeled" / "one.png")
+    inside = lay["unlabeled"][0]
+    os.symlink(inside.resolve(), lay["root"] / "unlabeled" / "inside_link.png")
+    df, _ = build_manifest(lay["root"], "cancer", 0.25, 0, links_outside_root="quarantine")
+    out = df[df["read_error"].fillna("").str.startswith("link_outside_root")]
+    assert sorted(p.rsplit("/", 1)[1] for p in out["path"]) == ["one.png", "x_0.png", "x_1.png",
+                                                               "x_2.png"]
+    assert out["id"].isna().all()  # not read
+    link_in = df.set_index("path").loc[(lay["root"] / "unlabeled" / "inside_link.png").as_posix()]
+    assert pd.isna(link_in["read_error"])  # a link that stays inside the root is a plain file
+    assert len(df) == 8 + 2 + 2 + 3 + 1 + 1
+
+
+def test_broken_link_and_link_cycle_are_rows_not_losses_or_hangs(tmp_path):
+    lay = F.make_layout(tmp_path / "raw", n_unlabeled=2, n_test={"cancer": 1, "normal": 1})
+    os.symlink(tmp_path / "gone.png", lay["root"] / "unlabeled" / "dangling.png")
+    os.symlink("..", lay["root"] / "unlabeled" / "loop")  # unlabeled/loop -> unlabeled's parent
+    sub = lay["root"] / "unlabeled" / "sub"
+    sub.mkdir()
+    os.symlink(sub, sub / "self")
+    df, _ = build_manifest(lay["root"], "cancer", 0.25, 0)
+    row = df.set_index("path").loc[(lay["root"] / "unlabeled" / "dangling.png").as_posix()]
+    assert row["read_error"].startswith("broken_link")
+    # unlabeled/loop -> raw/ is not an ancestor of itself: followed once (labelled + test
+    # files seen again under the pool; QC quarantines those copies as duplicates); sub/self
+    # points at its own folder and is not descended.
+    assert not df["path"].str.contains("/self/").any()
+    assert df["path"].str.contains("/unlabeled/loop/labeled/").any()
+    assert not df["path"].str.contains("/loop/unlabeled/loop/").any()
+
+
+# --------------------------------------------------------------------------- labelled minimum (issue #14)
+
+
+def _default_params():
+    from triage.params import load_params
+
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def test_tiny_labelled_set_stops_in_prepare_with_the_minimum_named(tmp_path):
+    from triage.prepare import min_labeled_per_class
+
+    minimum, why = min_labeled_per_class(_default_params())
+    assert minimum == 3 and "crossval.folds" in why
+    lay = F.make_layout(tmp_path / "raw", n_labeled={"cancer": 2, "normal": 1}, n_unlabeled=2,
+                        n_test={"cancer": 1, "normal": 1})
+    with pytest.raises(DataError, match=r"\{'cancer': 2, 'normal': 1\}.*at least 3"):
+        build_manifest(lay["root"], "cancer", 0.25, 0, min_per_class=minimum,
+                       min_per_class_why=why)
+    F.write_png(lay["root"] / "labeled" / "normal" / "n2.png", seed=991)
+    F.write_png(lay["root"] / "labeled" / "normal" / "n3.png", seed=992)
+    F.write_png(lay["root"] / "labeled" / "cancer" / "c3.png", seed=993)
+    df, _ = build_manifest(lay["root"], "cancer", 0.25, 0, min_per_class=minimum)
+    assert (df["split"] == "labeled").sum() == 6
+
+
+@pytest.mark.parametrize("model,calibration,cv_folds,cv", [
+    ("logreg", "none", 5, 5), ("svm", "none", 5, 5), ("logreg", "sigmoid", 2, 2),
+    ("logreg", "none", 2, 2)])
+def test_min_labeled_per_class_is_what_the_chain_needs(model, calibration, cv_folds, cv):
+    """At the minimum the nested folds (crossval → train OOF + pseudo calibration) all fit;
+    one fewer makes one of them fail."""
+    import numpy as np
+
+    from triage.crossval import fold_splits
+    from triage.models import make_classifier, out_of_fold_proba
+    from triage.prepare import min_labeled_per_class
+    from triage.pseudo import calibrated_pool_proba
+
+    params = _default_params()
+    params["train"].update(model=model, calibration=calibration, cv_folds=cv_folds)
+    params["crossval"]["folds"] = cv
+    m, _ = min_labeled_per_class(params)
+
+    def chain(n):
+        rng = np.random.default_rng(0)
+        y = np.array(["cancer"] * n + ["normal"] * n)
+        X = rng.normal(size=(2 * n, 4)) + (y == "cancer")[:, None]
+        for tr, _ in fold_splits(y, cv, 1, 0)[0]:
+            pipe = make_classifier(model, 1.0, "balanced", 0, calibration)
+            out_of_fold_proba(pipe, X[tr], y[tr], "cancer", cv_folds, 0)
+            calibrated_pool_proba(X[tr], (y[tr] == "cancer").astype(int), X[:3], 1.0, 0)
+
+    chain(m)
+    with pytest.raises(Exception):  # noqa: B017 - sklearn ValueError or PipelineError
+        chain(m - 1)
+
+
+def test_a_dicom_file_is_named_as_dicom_not_as_a_broken_image(tmp_path):
+    from triage.prepare import describe_file
+
+    dicom = tmp_path / "scan.dcm"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64)
+    noise = tmp_path / "noise.dcm"
+    noise.write_bytes(b"\0" * 200)
+    assert describe_file(dicom)["read_error"].startswith("dicom_not_supported: a DICOM file")
+    assert describe_file(noise)["read_error"].startswith("not_an_image:")

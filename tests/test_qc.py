@@ -211,14 +211,14 @@ def test_unreadable_file_is_quarantined(tmp_path):
         os.chmod(locked, 0o644)
 
 
-def test_dangling_symlink_is_quarantined_as_unreadable(tmp_path):
+def test_dangling_symlink_is_quarantined_as_a_broken_link(tmp_path):
     """Runs as root too: a link to a file that is gone cannot be read by anyone."""
     lay = F.make_layout(tmp_path / "raw", n_unlabeled=1, n_test={"cancer": 1, "normal": 1})
     link = tmp_path / "raw" / "unlabeled" / "gone.png"
     os.symlink(tmp_path / "deleted.png", link)
     _, r = qc(lay["root"])
-    assert reason_of(r, link) == "unreadable"
-    assert "No such file" in detail_of(r, link)
+    assert reason_of(r, link) == "broken_link"
+    assert "target does not exist" in detail_of(r, link)
 
 
 @pytest.mark.filterwarnings("error")  # e.g. pandas' future-incompatible fillna on all-NaN
@@ -586,3 +586,72 @@ def test_bad_params_are_refused(small):
     for bad in ({"near_dup_policy": "drop"}, {"size_outlier_policy": "x"}, {"leakage_policy": "x"}):
         with pytest.raises(PipelineError, match="qc."):
             run_qc(manifest, **{**QC, **bad})
+
+
+def test_multi_frame_images_get_a_note_not_silence(tmp_path):
+    # an animated GIF / multi-page TIFF: the pipeline reads its first frame; say so
+    frames = [Image.fromarray(np.full((48, 48), v, np.uint8)) for v in (40, 120, 200)]
+    gif, tif = tmp_path / "anim.gif", tmp_path / "pages.tif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    frames[0].save(tif, save_all=True, append_images=frames[1:])
+    for path in (gif, tif):
+        res = inspect_image(str(path), 10**8)
+        assert res["decode_error"] is None
+        assert "multi_frame: 3 frames, only the first is used" in res["note"], path
+    single = tmp_path / "one.png"
+    frames[0].save(single)
+    assert inspect_image(str(single), 10**8)["note"] is None
+
+
+KILL_QC = """
+import sys, time
+from triage.qc import inspect_all
+paths = sys.argv[1:]
+print("START", flush=True)
+inspect_all(paths * 200, 10**8, workers=2)
+"""
+
+
+def test_qc_decode_workers_die_with_a_killed_stage(tmp_path):
+    # `kill -9` of the qc stage must not leave its decode pool sleeping forever
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    paths = [str(F.write_png(tmp_path / f"{i}.png", size=(256, 256), seed=i)) for i in range(8)]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_QC, *paths], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "START"
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 30
+    while len(parent.children()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = parent.children()
+    assert len(workers) >= 2, "the decode pool never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} decode workers outlived the killed stage"
+
+
+def test_exif_orientation_is_applied_in_qc_and_the_pixels_everyone_reads(tmp_path):
+    # a phone capture stored sideways with EXIF orientation 6 (rotate 90° clockwise to view)
+    from triage.images import load_grey
+
+    stored = np.random.default_rng(3).integers(0, 255, (60, 40), dtype=np.uint8)  # 40 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = tmp_path / "capture.png"
+    Image.fromarray(stored).save(sideways, exif=exif)
+    upright = np.rot90(stored, k=-1)  # what the viewer shows: 60 wide, 40 tall
+    np.testing.assert_array_equal(np.asarray(load_grey(str(sideways))), upright)
+    res = inspect_image(str(sideways), 10**8)
+    assert "exif_orientation: 6, shown and embedded upright" in res["note"]
+    plain = tmp_path / "upright.png"
+    Image.fromarray(np.ascontiguousarray(upright)).save(plain)
+    assert inspect_image(str(plain), 10**8)["phash"] == res["phash"]  # the same picture

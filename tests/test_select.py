@@ -264,3 +264,13 @@ def test_nearest_other_distance_in_blocks_is_the_broadcast_bit_for_bit(n, d, blo
     D = np.sqrt(((Z[:, None] - Z[None]) ** 2).sum(-1))
     np.fill_diagonal(D, np.inf)
     np.testing.assert_array_equal(nearest_other_distance(Z, block=block), D.min(1))
+
+
+def test_ragged_annotation_row_is_named_with_its_field_count(layout):  # issue #14
+    root = layout["root"]
+    u = layout["unlabeled"]
+    ann = _write_csv(root / "annotations.csv",
+                     f"path,id,label\n{Path(u[0]).as_posix()},,cancer,1\n"
+                     f"{Path(u[1]).as_posix()},,normal\n")
+    with pytest.raises(DataError, match=r"line 2: 4 fields, the header has 3"):
+        build_manifest(root, "cancer", 0.25, 0, annotations=ann)

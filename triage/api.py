@@ -11,7 +11,10 @@ message; the size limit is enforced while the body is received (declared Content
 not, e.g. a chunked upload), so an oversized body is never read or spooled past the limit.
 An image that decodes but fails QC (blank, too small...) is answered 200 with its qc_status
 and no probability. Nothing logs file names or image bytes: the upload is written to a
-private temporary folder under a fixed name and deleted after the request.
+private temporary folder under a fixed name and deleted after the request. uvicorn's
+access log is written without query strings; ``GET /model`` shows the model path relative
+to the working directory (else its file name only); there is no ``/docs`` or ``/redoc``
+(their pages load scripts from a CDN).
 
 Decision support for triage only, not a diagnosis.
 """
@@ -97,12 +100,41 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
 
 
+def shown_model_path(model_path: str | Path) -> str:
+    """The model's path for ``GET /model`` without revealing the server's folders: relative
+    to the working directory (the repository root) when inside it, else the file name."""
+    path = Path(model_path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+class QueryStringFilter(logging.Filter):
+    """Drops the query string from uvicorn's access log lines (``?patient_id=...`` is not
+    logged): uvicorn logs ``'%s - "%s %s HTTP/%s" %d'`` with the path and query third."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def install_access_log_filter() -> None:
+    """Add :class:`QueryStringFilter` to the ``uvicorn.access`` logger (once). Set on the
+    logger, not a handler, so it survives uvicorn's own logging configuration."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QueryStringFilter) for f in logger.filters):
+        logger.addFilter(QueryStringFilter())
+
+
 def model_info(predictor: Predictor, model_path: Path, version: dict, metrics: dict,
                max_bytes: int) -> dict:
     """What ``GET /model`` answers: which model, its operating point and its intended use."""
     return {
         "name": str(predictor.bundle.get("name", model_path.stem)),
-        "path": model_path.as_posix(),
+        "path": shown_model_path(model_path),
         "version": version["version"],
         "version_source": version["source"],
         "positive_class": predictor.positive,
@@ -157,8 +189,12 @@ def create_app(model_path: str | Path | None = None, params_path: str | Path = "
         metrics_path, str(predictor.bundle.get("name", model_path.stem))), max_bytes)
     lock = threading.Lock()  # torch inference on CPU: one request at a time
 
+    install_access_log_filter()
+    # No /docs or /redoc: their Swagger UI / ReDoc pages load scripts from a CDN (blank
+    # offline, and a third party sees who opens them). The schema stays at /openapi.json.
     app = FastAPI(title="triage", version=version["version"][:12],
-                  description="Semi-supervised image triage (decision support, not diagnosis)")
+                  description="Semi-supervised image triage (decision support, not diagnosis)",
+                  docs_url=None, redoc_url=None)
     # Refuse an oversized body while it is received (declared length or not), before the
     # multipart parser spools it.
     app.add_middleware(BodyLimitMiddleware, max_body=max_bytes + MULTIPART_OVERHEAD,

@@ -73,6 +73,9 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float64)
         self._check_sizes(len(X))
         n_comp = int(min(self.n_components, X.shape[0], X.shape[1]))
+        # PCA cannot keep more components than images or dimensions: the value used is
+        # reported (cluster stage: metric pca_components_used, a note when capped)
+        self.n_components_ = n_comp
         self.reducer_ = canonical_reducer(n_comp, self.random_state).fit(X)
         Z = self.transform(X)
         self.sweep_ = []

@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112  # 1 = upright; 2-8 = mirrored and/or rotated (phone captures)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation tag (1 when absent or unreadable)."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+        return 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied (a copy only when the
+    tag says the pixels are stored rotated or mirrored). QC, embedding, reports and
+    inference all read pixels through this, so a rotated capture is never embedded sideways."""
+    return ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
 
 
 def to_grey_array(im: Image.Image) -> np.ndarray:
@@ -37,7 +54,7 @@ def load_grey(path: str, size: int | None = None) -> Image.Image:
     """Open, fully decode, convert to L and optionally resize to ``size``x``size``."""
     with Image.open(path) as im:
         im.load()
-        grey = to_grey_image(im)
+        grey = to_grey_image(upright(im))
     if size is not None and grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.BILINEAR)
     return grey

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -16,10 +17,39 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import PipelineError
+from .errors import ParamsError, PipelineError
 
 log = logging.getLogger("triage")
 
+# Filesystem errors that mean "this output cannot be written here" (a user's situation, not
+# a bug): run_stage turns them into one line. Anything else (EINVAL, a network error, a
+# TypeError...) still raises with its traceback, so programming errors are never hidden.
+FILESYSTEM_ERRNOS = {errno.EACCES: "permission denied (check the folder's permissions, or "
+                                   "write somewhere else)",
+                     errno.EPERM: "operation not permitted (check the folder's permissions, "
+                                  "or write somewhere else)",
+                     errno.EROFS: "read-only file system (write somewhere else)",
+                     errno.ENOSPC: "no space left on device (free some space)",
+                     errno.EDQUOT: "disk quota exceeded (free some space)",
+                     errno.EEXIST: "a file is in the way where a folder is needed (it is a file, "
+                                   "not a folder: choose another path)",
+                     errno.ENOTDIR: "a file is in the way where a folder is needed (it is a "
+                                    "file, not a folder: choose another path)",
+                     errno.EISDIR: "it is a folder (give a file name)"}
+
+
+class OutputError(PipelineError):
+    """An output could not be written (permissions, read-only or full disk, a file in the way)."""
+
+
+def is_filesystem_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in FILESYSTEM_ERRNOS
+
+
+def filesystem_message(exc: OSError, path: str | Path | None = None, verb: str = "write") -> str:
+    """``cannot write PATH: permission denied (what to do)`` for a filesystem OSError."""
+    where = path if path is not None else (exc.filename or "a file")
+    return f"cannot {verb} {where}: {FILESYSTEM_ERRNOS[exc.errno]}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -39,23 +69,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename over it only if the block succeeds.
 
     A crash or kill mid-write leaves the previous file (or none), never a partial one.
+    A filesystem error (permission denied, read-only or full disk, a file where a folder
+    should be: see ``FILESYSTEM_ERRNOS``) becomes an :class:`OutputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if not is_filesystem_error(exc):
+            raise
+        raise OutputError(filesystem_message(exc, path)) from exc
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp_path is not None and tmp_path.exists():
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
 
 
 def reset_dir(path: str | Path) -> Path:
@@ -93,9 +131,36 @@ def write_json(obj, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutralise(value):
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` whose text cells cannot run as spreadsheet formulas.
+
+    A text cell starting with ``= + - @``, a tab or a carriage return gets a leading
+    single quote (OWASP "CSV injection"): Excel, LibreOffice and Google Sheets show it as
+    text instead of evaluating e.g. ``=HYPERLINK(...)`` from a file name. Only text
+    (object or string dtype) cells change: numbers such as -0.5 stay numbers.
+    """
+    out = df.copy()
+    for col in out.columns:
+        s = out[col]
+        if pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype):
+            if s.map(lambda v: isinstance(v, str) and v.startswith(FORMULA_PREFIXES)).any():
+                out[col] = s.map(_neutralise, na_action="ignore").astype(s.dtype)
+    return out
+
+
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a CSV for people (and spreadsheets) atomically, formulas neutralised."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, lineterminator="\n")
+        neutralise_formulas(df).to_csv(tmp, index=False, lineterminator="\n")
 
 
 def setup_logging() -> None:
@@ -104,12 +169,29 @@ def setup_logging() -> None:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Entry point wrapper: user errors print one clear line and exit 1, no traceback."""
+    """Entry point wrapper: user errors print one clear line and exit 1, no traceback.
+
+    User errors are :class:`PipelineError` (outputs written through :func:`atomic_path`
+    raise its :class:`OutputError`) and the filesystem errors of ``FILESYSTEM_ERRNOS``
+    raised elsewhere (permission denied, read-only or full disk, a file in the way...),
+    which name their path. Every other exception keeps its traceback: it is a bug.
+    """
     setup_logging()
     try:
         main()
+    except ParamsError as exc:
+        # DVC deleted this stage's outputs before it ran, its `cache: false` metrics too
+        print(f"ERROR: {exc}\n  (`git checkout metrics/` restores the committed metrics DVC "
+              f"removed; `python -m triage.params` checks params.yaml before `dvc repro`)",
+              file=sys.stderr)
+        sys.exit(1)
     except PipelineError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:
+        if not is_filesystem_error(exc):
+            raise
+        print(f"ERROR: {filesystem_message(exc, verb='access')}", file=sys.stderr)
         sys.exit(1)
 
 

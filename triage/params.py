@@ -34,6 +34,11 @@ class Spec:
         # bool is an int subclass: reject True where a number is expected.
         if isinstance(value, bool) and bool not in self.types:
             raise ParamsError(f"params: '{key}' must be {self._type_names()}, got bool {value!r}")
+        if isinstance(value, str) and float in self.types and str not in self.types \
+                and _yaml11_float(value):
+            raise ParamsError(
+                f"params: '{key}' must be a number, got the string {value!r}: YAML reads an "
+                f"exponent without a dot as text; write {_dotted(value)} instead")
         if not isinstance(value, self.types):
             raise ParamsError(
                 f"params: '{key}' must be {self._type_names()}, got {type(value).__name__} {value!r}"
@@ -52,6 +57,22 @@ class Spec:
         return " or ".join(t.__name__ for t in self.types)
 
 
+def _yaml11_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _dotted(text: str) -> str:
+    """``1e-3`` -> ``1.0e-3`` (the spelling PyYAML's YAML 1.1 resolver reads as a float)."""
+    mantissa, sep, exp = text.lower().partition("e")
+    if sep and "." not in mantissa:
+        mantissa += ".0"
+    return mantissa + sep + exp
+
+
 INT = (int,)
 NUM = (int, float)
 STR = (str,)
@@ -66,6 +87,7 @@ SCHEMA: dict[str, Any] = {
         "positive_class": Spec(STR),
         "test_fraction": Spec(NUM, min=0.05, max=0.9),
         "seed": Spec(INT, min=0),
+        "links_outside_root": Spec(STR, choices=("follow", "quarantine")),
         "demo": {
             "n_labeled": Spec(INT, min=4),
             "n_unlabeled": Spec(INT, min=0),
@@ -210,6 +232,29 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def _get(params: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        params = params[part]
+    return params
+
+
+# Rules between two keys, checked after every key passed its own rule:
+# (key a, key b, holds(a, b), what must hold). Errors name both keys.
+CROSS_RULES: tuple = (
+    ("cluster.k_min", "cluster.k_max", lambda lo, hi: lo <= hi,
+     "cluster.k_min must be <= cluster.k_max (the k: auto sweep range)"),
+)
+
+
+def check_cross_keys(params: dict) -> dict:
+    """Raise ParamsError for the first broken rule of ``CROSS_RULES``."""
+    for a, b, holds, rule in CROSS_RULES:
+        va, vb = _get(params, a), _get(params, b)
+        if not holds(va, vb):
+            raise ParamsError(f"params: '{a}' = {va!r} and '{b}' = {vb!r} conflict: {rule}")
+    return params
+
+
 def spec(dotted: str) -> Spec:
     """The rule of one dotted key (``"qc.leakage_policy"``): modules that check a value
     themselves (library calls outside a stage) look it up here instead of restating it."""
@@ -244,6 +289,8 @@ def validate(params: Any, schema: dict = SCHEMA, prefix: str = "") -> dict:
             validate(params[key], spec, dotted + ".")
         else:
             spec.check(dotted, params[key])
+    if schema is SCHEMA:  # the whole file: rules between keys (CROSS_RULES)
+        check_cross_keys(params)
     return params
 
 
@@ -257,3 +304,22 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     except yaml.YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
     return validate(params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m triage.params [params.yaml]``: validate before ``dvc repro``. DVC deletes
+    a stage's outputs (its ``cache: false`` metrics too) before the stage runs, so a stage
+    refusing a bad key leaves ``git status`` showing them deleted; checking first does not."""
+    import sys
+
+    path = (sys.argv[1:] if argv is None else argv) or ["params.yaml"]
+    try:
+        load_params(path[0])
+    except ParamsError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{path[0]}: valid")
+
+
+if __name__ == "__main__":
+    main()

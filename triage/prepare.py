@@ -41,11 +41,28 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+LINK_POLICIES = ("follow", "quarantine")
+
+
 def list_files(folder: Path) -> tuple[list[Path], int]:
-    """All regular files under ``folder`` (recursive, sorted); hidden files are counted, not listed."""
+    """All files under ``folder`` (recursive, sorted); hidden files are counted, not listed.
+
+    Symlinked folders are followed like symlinked files (a link back to one of its own
+    ancestors is not descended again: the files are already listed). Broken links are
+    listed too (they become ``broken_link`` rows), so every file found is one row.
+    """
     files, hidden = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
+    ancestors = {str(folder): {os.path.realpath(folder)}}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = ancestors.pop(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in chain:  # cycle (a link to an ancestor): its files are listed already
+                continue
+            ancestors[os.path.join(dirpath, d)] = chain | {real}
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if _is_hidden(p.relative_to(folder)):
@@ -55,8 +72,18 @@ def list_files(folder: Path) -> tuple[list[Path], int]:
     return files, hidden
 
 
-def describe_file(path: Path) -> dict:
-    """Hash and header-read one file. Never raises: problems go to ``read_error``."""
+def _outside(path: Path, root: Path) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) != top
+
+
+def describe_file(path: Path, root: Path | None = None, links_outside_root: str = "follow") -> dict:
+    """Hash and header-read one file. Never raises: problems go to ``read_error``.
+
+    ``root`` + ``links_outside_root="quarantine"``: a file whose real path (after every
+    symlink, of the file or of a folder above it) leaves ``root`` is not read; its row
+    says ``link_outside_root``.
+    """
     raw_name = os.fsencode(path)
     try:
         raw_name.decode("utf-8")
@@ -68,6 +95,16 @@ def describe_file(path: Path) -> dict:
         name_ok = False
     row = {"id": None, "path": shown, "width": None, "height": None, "mode": None,
            "bytes": None, "format": None, "read_error": None}
+    if links_outside_root not in LINK_POLICIES:
+        raise ValueError(f"data.links_outside_root must be one of {list(LINK_POLICIES)}, "
+                         f"got {links_outside_root!r}")
+    if not os.path.exists(path):  # lexists (os.walk listed it): a dangling symlink
+        row["read_error"] = "broken_link: the link's target does not exist"
+        return row
+    if root is not None and links_outside_root == "quarantine" and _outside(path, root):
+        row["read_error"] = ("link_outside_root: a symlink leads outside the data root "
+                             "(data.links_outside_root: quarantine)")
+        return row
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -85,8 +122,18 @@ def describe_file(path: Path) -> dict:
     except Image.DecompressionBombError:
         row["read_error"] = "decompression_bomb"
     except Exception as exc:  # noqa: BLE001 - any header failure is data, not a crash
-        row["read_error"] = f"not_an_image: {type(exc).__name__}"
+        if is_dicom(data):
+            row["read_error"] = ("dicom_not_supported: a DICOM file (DICM preamble); DICOM "
+                                 "ingestion with de-identification is not built yet: export it "
+                                 "as PNG or TIFF, or keep it out of the layout")
+        else:
+            row["read_error"] = f"not_an_image: {type(exc).__name__}"
     return row
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble then ``DICM`` (any extension)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -98,7 +145,8 @@ def _class_dirs(folder: Path) -> list[Path]:
     return classes
 
 
-def _scan_classes(folder: Path, split: str) -> tuple[list[dict], int]:
+def _scan_classes(folder: Path, split: str, root: Path | None = None,
+                  links_outside_root: str = "follow") -> tuple[list[dict], int]:
     rows, hidden = [], 0
     classes = _class_dirs(folder)
     loose = sorted(p.name for p in folder.iterdir() if not p.is_dir())
@@ -113,7 +161,8 @@ def _scan_classes(folder: Path, split: str) -> tuple[list[dict], int]:
         if not files:
             raise DataError(f"empty class folder: {cls_dir} (remove it or add images)")
         for f in files:
-            rows.append({**describe_file(f), "split": split, "label": cls_dir.name})
+            rows.append({**describe_file(f, root, links_outside_root), "split": split,
+                         "label": cls_dir.name})
     return rows, hidden
 
 
@@ -132,9 +181,69 @@ def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int) ->
     return mask
 
 
+# pseudo_label's Platt calibration: StratifiedKFold(5) over the labelled points
+# (triage.pseudo.calibrated_pool_proba); every fold count is clamped to the class size.
+PSEUDO_CALIBRATION_FOLDS = 5
+# CalibratedClassifierCV(cv=3) inside train.model: svm, or any model with calibration: sigmoid
+CALIBRATION_CV = 3
+
+
+def _min_for_folds(folds: int, need_in_train: int) -> int:
+    """Smallest class size m >= 2 whose stratified K-fold (K clamped to m, as every
+    K-fold of the pipeline is) leaves at least ``need_in_train`` of the class in each
+    training part: m - ceil(m / K) >= need."""
+    m = 2
+    while m - -(-m // max(2, min(folds, m))) < need_in_train:
+        m += 1
+    return m
+
+
+def min_labeled_per_class(params: dict) -> tuple[int, str]:
+    """The fewest labelled images of each class the default chain (pseudo_label, train,
+    crossval) can run on with these params, and why (the params named).
+
+    Every fit inside a K-fold needs each class in its training part (logistic regression
+    on one class fails); a calibrated model (``train.model: svm`` or ``train.calibration:
+    sigmoid``) needs ``CALIBRATION_CV`` per class there; crossval nests all of it inside its
+    own ``crossval.folds`` training parts.
+    """
+    t, cv = params["train"], params["crossval"]
+    calibrated = t["model"] == "svm" or t["calibration"] == "sigmoid"
+    need = CALIBRATION_CV if calibrated else 1
+    inner = max(_min_for_folds(t["cv_folds"], need), _min_for_folds(PSEUDO_CALIBRATION_FOLDS, 1),
+                need)
+    total = _min_for_folds(cv["folds"], inner)
+    why = (f"crossval.folds={cv['folds']} refits the chain on each fold's training part, which "
+           f"needs {inner} per class: train.cv_folds={t['cv_folds']} out-of-fold scores"
+           + (f" of a calibrated model (train.model={t['model']}, train.calibration="
+              f"{t['calibration']}: {CALIBRATION_CV}-fold Platt scaling)" if calibrated else "")
+           + f" and pseudo_label's {PSEUDO_CALIBRATION_FOLDS}-fold calibration")
+    return total, why
+
+
+def check_labeled_counts(df: pd.DataFrame, classes: list[str], minimum: int, why: str = "") -> None:
+    """DataError naming the per-class counts when a class has fewer than ``minimum``
+    readable labelled images (rows prepare could not read will be quarantined)."""
+    lab = df[(df["split"] == "labeled") & df["read_error"].isna()]
+    counts = {c: int((lab["label"] == c).sum()) for c in classes}
+    short = [c for c, n in counts.items() if n < minimum]
+    if short:
+        raise DataError(
+            f"too few labelled images: {counts} after the test split and annotations; each "
+            f"class needs at least {minimum}" + (f" ({why})" if why else "")
+            + f". Add labelled images of {short} (data.root/labeled/<class>/ or annotations.csv)")
+
+
 def build_manifest(root: str | Path, positive_class: str, test_fraction: float, seed: int,
-                   annotations: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+                   annotations: str | Path | None = None, links_outside_root: str = "follow",
+                   min_per_class: int = 1, min_per_class_why: str = "") -> tuple[pd.DataFrame, dict]:
     """Scan ``root`` and return (manifest, info). Structural problems raise DataError.
+
+    ``links_outside_root`` (``data.links_outside_root``): ``follow`` reads a file reached
+    through a symlink (of the file or a folder) that leaves ``root``; ``quarantine`` makes
+    it a ``link_outside_root`` row without reading it. ``min_per_class``: fewer readable
+    labelled images of a class (after the test split and annotations) raise DataError
+    (see :func:`min_labeled_per_class`).
 
     ``annotations``: optional labels file (see :func:`merge_annotations`), applied after
     the test split so new labels only ever enlarge the training set.
@@ -142,7 +251,7 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (set data.root or data.source: demo)")
-    rows, hidden = _scan_classes(root / "labeled", "labeled")
+    rows, hidden = _scan_classes(root / "labeled", "labeled", root, links_outside_root)
     classes = sorted({r["label"] for r in rows})
     if positive_class not in classes:
         raise DataError(f"positive class '{positive_class}' (data.positive_class) not among the "
@@ -155,12 +264,13 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     if unlabeled.is_dir():
         files, h = list_files(unlabeled)
         hidden += h
-        rows += [{**describe_file(f), "split": "unlabeled", "label": None} for f in files]
+        rows += [{**describe_file(f, root, links_outside_root), "split": "unlabeled", "label": None}
+                 for f in files]
 
     test_dir = root / "test"
     labeled_df = None
     if test_dir.is_dir():
-        test_rows, h = _scan_classes(test_dir, "test")
+        test_rows, h = _scan_classes(test_dir, "test", root, links_outside_root)
         hidden += h
         extra = sorted({r["label"] for r in test_rows} - set(classes))
         if extra:
@@ -179,6 +289,7 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     n_annotated = n_already = 0
     if annotations is not None and Path(annotations).is_file():
         df, n_annotated, n_already = merge_annotations(df, annotations, classes, root)
+    check_labeled_counts(df, classes, min_per_class, min_per_class_why)
     order = {s: i for i, s in enumerate(("labeled", "unlabeled", "test"))}
     df = df.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
     df = df.reset_index(drop=True)
@@ -195,11 +306,30 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
 
 
+def _check_ragged(path: Path) -> None:
+    """DataError naming the first CSV line whose field count differs from the header's
+    (pandas would shift an extra field into the index, or name another line)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(enumerate(csv.reader(fh), start=1))
+    except UnicodeDecodeError:
+        return  # read_csv names it
+    n_fields = len(rows[0][1]) if rows else 0
+    for line_no, fields in rows[1:]:
+        if fields and len(fields) != n_fields:
+            raise DataError(f"{path} line {line_no}: {len(fields)} fields, the header has "
+                            f"{n_fields} (a stray comma or a missing field?)")
+
+
 def read_annotations(path: str | Path) -> pd.DataFrame:
     """Read an annotations CSV (columns ``path`` and/or ``id``, and ``label``) as strings."""
     path = Path(path)
+    _check_ragged(path)
     try:
-        ann = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        ann = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                          index_col=False)  # a row with an extra field is not an index
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
     except pd.errors.EmptyDataError:

@@ -21,8 +21,8 @@ or_none() { if [ -n "$1" ]; then printf '%s\n' "$1"; else printf '%s\n' "$2"; fi
 printf '# Pipeline review: workspace vs `%s` (%s)\n' "$base" "$(git rev-parse --short "$base")"
 
 section "Pipeline status"
-if ! params_error="$("$python" -m triage.params 2>&1 >/dev/null)"; then
-  printf '**params.yaml is invalid:** %s\n\n' "$params_error"
+if ! preflight_error="$("$python" -m triage.preflight 2>&1 >/dev/null)"; then
+  printf '**Preflight failed:** %s\n\n' "$preflight_error"
 fi
 if dvc status -q >/dev/null 2>&1; then
   echo "Up to date: \`dvc status\` is clean (every output matches its inputs)."

@@ -118,7 +118,7 @@ def test_a_params_error_says_how_to_restore_the_metrics_dvc_removed(capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "unknown key 'trian.C'" in err and "git checkout metrics/" in err
-    assert "python -m triage.params" in err and "Traceback" not in err
+    assert "python -m triage.preflight" in err and "Traceback" not in err
 
 
 def test_params_check_command_validates_before_dvc_removes_outputs(tmp_path):
@@ -135,3 +135,29 @@ def test_params_check_command_validates_before_dvc_removes_outputs(tmp_path):
                          text=True)
     assert res.returncode == 1 and "cluster.k_min" in res.stderr and "cluster.k_max" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_preflight_names_non_utf8_file_names_dvc_cannot_hash(tmp_path):
+    # `dvc repro` stops before prepare on such a name without naming it; preflight names it
+    import subprocess
+    import sys
+
+    import imagefactory as F
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(source="folder", root="raw")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    F.write_png(tmp_path / "raw" / "labeled" / "cancer" / "ok.png")
+    F.write_non_utf8_name(tmp_path / "raw" / "unlabeled")
+    res = subprocess.run([sys.executable, "-m", "triage.preflight"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "1 name(s) under data.root are not UTF-8" in res.stderr
+    assert "raw/unlabeled/scan_\\xff.png" in res.stderr
+    for p in (tmp_path / "raw" / "unlabeled").iterdir():
+        p.unlink()
+    ok = subprocess.run([sys.executable, "-m", "triage.preflight"], cwd=tmp_path,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "every name is UTF-8" in ok.stdout

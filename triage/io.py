@@ -182,7 +182,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except ParamsError as exc:
         # DVC deleted this stage's outputs before it ran, its `cache: false` metrics too
         print(f"ERROR: {exc}\n  (`git checkout metrics/` restores the committed metrics DVC "
-              f"removed; `python -m triage.params` checks params.yaml before `dvc repro`)",
+              f"removed; `python -m triage.preflight` checks params.yaml before `dvc repro`)",
               file=sys.stderr)
         sys.exit(1)
     except PipelineError as exc:

@@ -30,7 +30,8 @@ def test_write_csv_neutralises_formula_cells(tmp_path):
 
 
 def test_neutralise_leaves_numbers_missing_values_and_plain_text_alone():
-    assert tio.neutralise_formulas(pd.DataFrame({"p": ["\rx"]}))["p"].iloc[0] == "'\rx"
+    # a leading carriage return is escaped (two characters), which no spreadsheet evaluates
+    assert tio.neutralise_formulas(pd.DataFrame({"p": ["\rx"]}))["p"].iloc[0] == "\\rx"
     df = pd.DataFrame({"a": ["plain", None, "-x"], "n": [-1, 2, 3],
                        "o": pd.Series([-1.5, "=x", None], dtype=object),
                        "s": pd.Series(["=y", "z", None], dtype="string")})
@@ -161,3 +162,12 @@ def test_preflight_names_non_utf8_file_names_dvc_cannot_hash(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "triage.preflight"], cwd=tmp_path,
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "every name is UTF-8" in ok.stdout
+
+
+def test_a_carriage_return_in_a_cell_cannot_split_the_row(tmp_path):
+    # unquoted by the csv module (rows end in "\n"), a lone "\r" splits the row on reading
+    out = tmp_path / "p.csv"
+    write_csv(pd.DataFrame({"path": ["scan\rname.png", "ok.png", "\r=cmd"], "p": [0.5, -0.5, 1]}), out)
+    back = pd.read_csv(out)
+    assert back["path"].tolist() == ["scan\\rname.png", "ok.png", "\\r=cmd"]
+    assert back["p"].tolist() == [0.5, -0.5, 1.0]

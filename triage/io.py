@@ -134,10 +134,17 @@ def write_json(obj, path: str | Path) -> None:
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _needs_neutralising(value) -> bool:
+    return isinstance(value, str) and (value.startswith(FORMULA_PREFIXES) or "\r" in value)
+
+
 def _neutralise(value):
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
+    if not _needs_neutralising(value):
+        return value
+    # The csv module quotes a cell holding "\n" but not a lone "\r" (our line end is "\n"),
+    # and readers split rows at it: written escaped, as the non-UTF-8 bytes of a name are.
+    value = value.replace("\r", "\\r")
+    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
 
 
 def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
@@ -145,14 +152,15 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
 
     A text cell starting with ``= + - @``, a tab or a carriage return gets a leading
     single quote (OWASP "CSV injection"): Excel, LibreOffice and Google Sheets show it as
-    text instead of evaluating e.g. ``=HYPERLINK(...)`` from a file name. Only text
-    (object or string dtype) cells change: numbers such as -0.5 stay numbers.
+    text instead of evaluating e.g. ``=HYPERLINK(...)`` from a file name. A carriage return
+    inside a cell is written as the two characters ``\\r`` (unquoted, it would end the row).
+    Only text (object or string dtype) cells change: numbers such as -0.5 stay numbers.
     """
     out = df.copy()
     for col in out.columns:
         s = out[col]
         if pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype):
-            if s.map(lambda v: isinstance(v, str) and v.startswith(FORMULA_PREFIXES)).any():
+            if s.map(_needs_neutralising).any():
                 out[col] = s.map(_neutralise, na_action="ignore").astype(s.dtype)
     return out
 

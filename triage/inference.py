@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import yaml
 
 from .embed import CANONICAL_CPU, Embedder
 from .errors import PipelineError
-from .io import log
+from .io import log, path_text
 from .prepare import describe_file, list_files
 from .qc import Measured, check_image, inspect_image  # the qc stage's own rules: no train/serve skew
 from .store import read_fingerprint
@@ -140,26 +139,6 @@ def build_embedder(expected: str, embed_params: dict, stored: dict | None = None
 
 
 # --------------------------------------------------------------------------- QC
-def safe_path_text(path: str | None) -> str | None:
-    """``path`` as text that UTF-8 (Parquet, pandas' Arrow strings, the CSV) accepts.
-
-    A file name that is not valid UTF-8 reaches Python with lone surrogates; it is shown
-    with the undecodable bytes escaped (``scan_\\xff.png``), the spelling prepare uses
-    for the quarantine list (reason ``non_utf8_filename``)."""
-    if path is None:
-        return None
-    path = str(path)
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that is no undecodable byte
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def qc_image(path: str | Path, qc: dict) -> dict:
     """QC of one new image with the qc stage's per-image checks (no duplicate checks).
 
@@ -227,7 +206,7 @@ class Predictor:
                                    ) -> tuple[pd.DataFrame, np.ndarray]:
         """``predict_paths`` and the embeddings it scored: one row of the vectors per
         QC-passed image (``qc_status == "ok"``), in the order of the frame."""
-        shown = [safe_path_text(p) for p in
+        shown = [(None if p is None else path_text(p)) for p in
                  (shown_paths if shown_paths is not None else [str(p) for p in paths])]
         qc = [qc_image(p, self.qc) for p in paths]
         ok = np.array([q["qc_status"] == "ok" for q in qc], dtype=bool)

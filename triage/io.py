@@ -52,6 +52,16 @@ def filesystem_message(exc: OSError, path: str | Path | None = None, verb: str =
     return f"cannot {verb} {where}: {FILESYSTEM_ERRNOS[exc.errno]}"
 
 
+def path_text(path: str | os.PathLike) -> str:
+    """A path as UTF-8 text for outputs (Parquet, CSV, pages). A file name that is not UTF-8
+    reaches Python with lone surrogates; its undecodable bytes are escaped (``scan_\\xff.png``),
+    one spelling for prepare's quarantine rows, the batch CLI and the preflight."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (not from the disk)
+        return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .errors import PipelineError
+from .io import path_text
 from .params import load_params
 
 
@@ -33,12 +34,8 @@ def non_utf8_names(root: Path) -> list[str]:
             continue
         seen.add(real)
         for name in sorted(dirnames + filenames):
-            raw = os.fsencode(name)
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                rel = os.fsencode(os.path.relpath(os.path.join(dirpath, name), root))
-                bad.append(rel.decode("utf-8", "backslashreplace"))
+            if path_text(name) != name:
+                bad.append(path_text(os.path.relpath(os.path.join(dirpath, name), root)))
     return sorted(bad)
 
 

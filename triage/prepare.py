@@ -21,7 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from .errors import DataError
-from .io import sha256_bytes
+from .io import path_text, sha256_bytes
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()),          # sha256 of the file bytes (null when unreadable)
@@ -84,15 +84,9 @@ def describe_file(path: Path, root: Path | None = None, links_outside_root: str 
     symlink, of the file or of a folder above it) leaves ``root`` is not read; its row
     says ``link_outside_root``.
     """
-    raw_name = os.fsencode(path)
-    try:
-        raw_name.decode("utf-8")
-        shown = path.as_posix()
-        name_ok = True
-    except UnicodeDecodeError:
-        # Parquet needs UTF-8; keep a readable, lossless-enough spelling for the report.
-        shown = raw_name.decode("utf-8", "backslashreplace")
-        name_ok = False
+    # Parquet needs UTF-8: a non-UTF-8 name is shown escaped (and quarantined below)
+    shown = path_text(path)
+    name_ok = shown == path.as_posix()
     row = {"id": None, "path": shown, "width": None, "height": None, "mode": None,
            "bytes": None, "format": None, "read_error": None}
     if links_outside_root not in LINK_POLICIES:

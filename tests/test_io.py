@@ -138,8 +138,10 @@ def test_params_check_command_validates_before_dvc_removes_outputs(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_preflight_names_non_utf8_file_names_dvc_cannot_hash(tmp_path):
-    # `dvc repro` stops before prepare on such a name without naming it; preflight names it
+def test_preflight_names_non_utf8_names_and_fails_only_if_dvc_would_hash_them(tmp_path):
+    # DVC's state database cannot store such a name: without the .dvcignore rule `dvc repro`
+    # stops while hashing data.root and names no file
+    import shutil
     import subprocess
     import sys
 
@@ -150,18 +152,43 @@ def test_preflight_names_non_utf8_file_names_dvc_cannot_hash(tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="folder", root="raw")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / ".dvc").mkdir()  # a DVC repository whose .dvcignore lacks the rule
     F.write_png(tmp_path / "raw" / "labeled" / "cancer" / "ok.png")
     F.write_non_utf8_name(tmp_path / "raw" / "unlabeled")
-    res = subprocess.run([sys.executable, "-m", "triage.preflight"], cwd=tmp_path,
-                         capture_output=True, text=True)
+    F.write_non_utf8_name(tmp_path / "raw" / "unlabeled", stem=b"caf\xe9")
+    preflight = [sys.executable, "-m", "triage.preflight"]
+    res = subprocess.run(preflight, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert "1 name(s) under data.root are not UTF-8" in res.stderr
+    assert "2 name(s) under data.root are not UTF-8 and no .dvcignore rule" in res.stderr
     assert "raw/unlabeled/scan_\\xff.png" in res.stderr
+    assert "raw/unlabeled/caf\\xe9.png" in res.stderr
+
+    shutil.copy(root / ".dvcignore", tmp_path / ".dvcignore")
+    res = subprocess.run(preflight, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "2 name(s) are not UTF-8. DVC skips them (.dvcignore)" in res.stdout
+    assert "raw/unlabeled/scan_\\xff.png" in res.stdout
+
     for p in (tmp_path / "raw" / "unlabeled").iterdir():
         p.unlink()
-    ok = subprocess.run([sys.executable, "-m", "triage.preflight"], cwd=tmp_path,
-                        capture_output=True, text=True)
+    ok = subprocess.run(preflight, cwd=tmp_path, capture_output=True, text=True)
     assert ok.returncode == 0 and "every name is UTF-8" in ok.stdout
+
+
+def test_dvcignore_rule_hides_exactly_the_names_that_are_not_utf8(tmp_path):
+    from dvc.fs import LocalFileSystem
+    from dvc.ignore import DvcIgnoreFilter
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / ".dvcignore").write_bytes((root / ".dvcignore").read_bytes())
+    ignore = DvcIgnoreFilter(LocalFileSystem(), str(tmp_path))
+    cases = {  # name as os.walk spells it -> hidden from DVC
+        "scan_\udcff.png": True, "caf\udce9/x.png": True, "\udc80": True,
+        "plain.png": False, "café.png": False, "日本/画像.png": False, "emoji_\U0001f600.png": False,
+        "\ud7ff\ue000\U0010ffff.png": False, "with space [1].png": False,
+    }
+    for name, hidden in cases.items():
+        assert ignore.is_ignored_file(str(tmp_path / "raw" / name)) is hidden, name
 
 
 def test_a_carriage_return_in_a_cell_cannot_split_the_row(tmp_path):

@@ -2,12 +2,13 @@
 
 Slow-ish (a few full runs of a shrunken demo); covers what users and CI rely on:
 metric keys, no-op second run, byte-identical `dvc repro -f`, a `train.*` change re-running
-only downstream stages, and folder mode quarantining a corrupt image.
+only downstream stages, and folder mode quarantining a corrupt image and a name DVC cannot hash.
 """
 import json
 import sys
 from pathlib import Path
 
+import imagefactory as F
 import numpy as np
 import pytest
 import yaml
@@ -132,15 +133,17 @@ def test_folder_mode_quarantines_corrupt_image(tmp_path):
     Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(buf.with_suffix(".jpg"))
     data = buf.with_suffix(".jpg").read_bytes()
     (raw / "unlabeled/broken.jpg").write_bytes(data[: len(data) // 2])  # truncated transfer
+    F.write_non_utf8_name(raw / "unlabeled", stem=b"scan_\xff")  # DVC cannot hash this name
     assert good.exists()
     set_params(repo, {"data.source": "folder", "data.test_fraction": 0.25, "cluster.k": 3})
     out = run(["dvc", "repro"], repo, env)
     assert ran_stages(out.stdout) == STAGES
     quarantine = (repo / "data/qc/quarantine.csv").read_text()
     assert "data/raw/unlabeled/broken.jpg,decode_error" in quarantine
+    assert "data/raw/unlabeled/scan_\\xff.png,non_utf8_filename" in quarantine
     qc = json.loads((repo / "metrics/qc/metrics.json").read_text())
-    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 30 + 2
-    assert qc["reason"]["decode_error"] == 1
+    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 30 + 3
+    assert qc["reason"]["decode_error"] == 1 and qc["reason"]["non_utf8_filename"] == 1
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):

@@ -4,10 +4,12 @@ Two failures happen before any stage can explain them:
 
 - a bad params.yaml key: DVC deletes a stage's outputs (its ``cache: false`` metrics too)
   before the stage refuses the key;
-- a file name that is not UTF-8 under ``data.root`` (folder mode): DVC stops while hashing
-  the folder, before ``prepare`` runs, with a codec error that names no file. (Run by hand,
-  ``prepare`` quarantines such a file as ``non_utf8_filename``; under DVC it never gets
-  there.) The preflight names each one, so it can be renamed.
+- a file name that is not UTF-8 under ``data.root`` (folder mode): DVC's state database
+  cannot store it, so DVC would stop while hashing the folder with a codec error that names
+  no file. The project's ``.dvcignore`` hides such names from DVC (one rule, matching them
+  only) and ``prepare``, which walks the folder itself, quarantines each as
+  ``non_utf8_filename``. DVC cannot see them, though, so one added on its own does not make
+  ``prepare`` re-run: the preflight names each one and fails only when the rule is missing.
 
 ``.ci/run``, the workflow and ``scripts/review.sh`` run it first. Prints counts and escaped
 names only under the data root (the names are what must be renamed).
@@ -25,7 +27,8 @@ from .params import load_params
 
 def non_utf8_names(root: Path) -> list[str]:
     """Paths under ``root`` (files or folders, symlinked folders followed once) whose name
-    is not UTF-8, spelt with the undecodable bytes escaped (``scan_\\xff.png``)."""
+    is not UTF-8, relative to ``root`` as ``os.walk`` spells them (undecodable bytes as
+    surrogates; ``io.path_text`` writes them escaped, ``scan_\\xff.png``)."""
     bad, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -35,8 +38,34 @@ def non_utf8_names(root: Path) -> list[str]:
         seen.add(real)
         for name in sorted(dirnames + filenames):
             if path_text(name) != name:
-                bad.append(path_text(os.path.relpath(os.path.join(dirpath, name), root)))
+                bad.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(bad)
+
+
+def dvc_sees(root: Path, names: list[str]) -> list[str]:
+    """Those of ``names`` (relative to ``root``, as ``os.walk`` spells them) that DVC would
+    try to hash: not matched by any ``.dvcignore`` of the repository around ``root``."""
+    from dvc.fs import LocalFileSystem
+    from dvc.ignore import DvcIgnoreFilter
+    from dvc.repo import Repo
+
+    try:
+        repo_root = Repo.find_root(str(root))
+    except Exception:  # not a DVC repository: nothing hashes the folder
+        return []
+    ignore = DvcIgnoreFilter(LocalFileSystem(), repo_root)
+    seen = []
+    for name in names:
+        full = os.path.abspath(os.path.join(root, name))
+        check = ignore.is_ignored_dir if os.path.isdir(full) else ignore.is_ignored_file
+        if not check(full):
+            seen.append(name)
+    return seen
+
+
+def _listed(root: str, names: list[str]) -> str:
+    shown = "\n".join(f"  {root}/{path_text(n)}" for n in names[:20])
+    return shown + (f"\n  ... and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def preflight(params_path: str | Path = "params.yaml") -> str:
@@ -45,16 +74,20 @@ def preflight(params_path: str | Path = "params.yaml") -> str:
     data = params["data"]
     if data["source"] != "folder" or not Path(data["root"]).is_dir():
         return f"{params_path}: valid"
-    bad = non_utf8_names(Path(data["root"]))
-    if bad:
-        listed = "\n".join(f"  {data['root']}/{b}" for b in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    root = Path(data["root"])
+    bad = non_utf8_names(root)
+    if not bad:
+        return f"{params_path}: valid; {root}: every name is UTF-8"
+    rename = "Rename them (e.g. `convmv -f latin1 -t utf8 --notest`) to include them"
+    unhidden = dvc_sees(root, bad)
+    if unhidden:
         raise PipelineError(
-            f"{len(bad)} name(s) under data.root are not UTF-8: DVC cannot hash the folder and "
-            f"`dvc repro` would stop before prepare without naming them. Rename them (e.g. "
-            f"`convmv -f latin1 -t utf8 --notest`) or move them out of {data['root']}:\n"
-            f"{listed}{more}")
-    return f"{params_path}: valid; {data['root']}: every name is UTF-8"
+            f"{len(unhidden)} name(s) under data.root are not UTF-8 and no .dvcignore rule hides "
+            f"them: `dvc repro` would stop while hashing {root} without naming them. Restore the "
+            f"project's .dvcignore rule for such names, or rename them:\n{_listed(root, unhidden)}")
+    return (f"{params_path}: valid; {root}: {len(bad)} name(s) are not UTF-8. DVC skips them "
+            f"(.dvcignore) and prepare quarantines each as non_utf8_filename; one added on its "
+            f"own does not make prepare re-run. {rename}:\n{_listed(root, bad)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -363,3 +363,26 @@ def test_skops_loads_without_torch_and_trusts_the_same_types():
                             "print(shim.__name__, torch.ones(3).sum().item())"],
                            capture_output=True, text=True, check=True).stdout
     assert after.strip() == "sklearn.externals.array_api_compat.torch 3.0"
+
+
+@pytest.mark.parametrize("calibration", ["none", "sigmoid"])
+def test_knn_fits_a_training_set_smaller_than_its_neighbour_count(calibration):
+    # 9 labelled images (3-fold calibration trains on 6): plain KNeighborsClassifier(15) fails
+    X, y = _labelled(n=9, seed=3)
+    plain = make_classifier("knn", 1.0, "balanced", 0, calibration)
+    with pytest.raises(ValueError, match="n_neighbors <= n_samples"):
+        Pipeline([("scale", StandardScaler()),
+                  ("clf", KNeighborsClassifier(15, weights="distance"))]).fit(X, y).predict_proba(X)
+    pipe = fit_weighted(plain, X, y)
+    proba = pipe.predict_proba(X)
+    assert proba.shape == (9, 2) and np.isfinite(proba).all()
+    inner = pipe["clf"] if calibration == "none" else pipe["clf"].calibrated_classifiers_[0].estimator
+    assert inner.n_neighbors == 15  # the parameter stays as given; only the query is capped
+    _, idx = inner.kneighbors(X[:2])
+    assert idx.shape == (2, len(inner._fit_X))
+    # with enough points the cap does nothing: same neighbours as the plain classifier
+    Xb, yb = _labelled(n=60, seed=3)
+    capped = make_classifier("knn", 1.0, "balanced", 0, "none").fit(Xb, yb)
+    ref = Pipeline([("scale", StandardScaler()), ("clf", KNeighborsClassifier(
+        15, weights="distance", algorithm="kd_tree"))]).fit(Xb, yb)
+    np.testing.assert_array_equal(capped.predict_proba(Xb), ref.predict_proba(Xb))

@@ -37,7 +37,7 @@ TRUSTED_TYPES = [
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.neighbors._classification.KNeighborsClassifier",
+    "triage.models.CappedKNeighborsClassifier",
     "sklearn.neighbors._kd_tree.KDTree",
     "sklearn.ensemble._forest.RandomForestClassifier",
     "sklearn.tree._classes.DecisionTreeClassifier",
@@ -46,6 +46,20 @@ TRUSTED_TYPES = [
     "numpy.ndarray",
     "builtins.slice",
 ]
+
+
+class CappedKNeighborsClassifier(KNeighborsClassifier):
+    """``KNeighborsClassifier`` whose ``n_neighbors`` is an upper bound: a fit on fewer
+    points (a small labelled set, a cross-validation or calibration fold) votes over all of
+    them instead of failing with ``Expected n_neighbors <= n_samples_fit``. The parameter
+    itself is left as given (scikit-learn's clone/get_params contract)."""
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        if n_neighbors is None:
+            # querying the training points themselves excludes each point from its own list
+            available = self.n_samples_fit_ - (1 if X is None else 0)
+            n_neighbors = max(1, min(self.n_neighbors, available))
+        return super().kneighbors(X, n_neighbors, return_distance)
 
 
 def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "balanced",
@@ -65,7 +79,7 @@ def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "
     elif model == "knn":
         # kd_tree: distances from its own loops; brute force would use a BLAS product,
         # whose noise could decide a tie for the 15th neighbour (duplicate images)
-        clf = KNeighborsClassifier(n_neighbors=15, weights="distance", algorithm="kd_tree")
+        clf = CappedKNeighborsClassifier(n_neighbors=15, weights="distance", algorithm="kd_tree")
     elif model == "random_forest":
         clf = RandomForestClassifier(n_estimators=300, class_weight=cw, min_samples_leaf=2,
                                      random_state=random_state, n_jobs=1)
@@ -81,7 +95,7 @@ def make_classifier(model: str = "logreg", C: float = 1.0, class_weight: str = "
 def supports_sample_weight(pipe: Pipeline) -> bool:
     clf = pipe["clf"]
     inner = clf.estimator if isinstance(clf, CalibratedClassifierCV) else clf
-    return not isinstance(inner, KNeighborsClassifier)
+    return not isinstance(inner, KNeighborsClassifier)  # the capped one too
 
 
 def pseudo_weights(confidence: np.ndarray, weighting: str, scale: float) -> np.ndarray:

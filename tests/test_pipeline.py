@@ -118,7 +118,15 @@ def _img(path: Path, rng, size=48):
     Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
 
 
-def test_folder_mode_quarantines_corrupt_image(tmp_path):
+def docs_block(doc: Path, marker: str) -> list[str]:
+    """The command lines of the ```bash block after ``marker`` in a doc (comments dropped)."""
+    text = doc.read_text()
+    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_folder_mode_versioned_as_documented_quarantines_bad_files(tmp_path):
     env = e2e_env(tmp_path)
     repo = make_repo(tmp_path, env)
     rng = np.random.default_rng(0)
@@ -126,6 +134,8 @@ def test_folder_mode_quarantines_corrupt_image(tmp_path):
     for cls in ("cancer", "normal"):
         for i in range(12):
             _img(raw / "labeled" / cls / f"{i}.png", rng)
+        for i in range(3):
+            _img(raw / "test" / cls / f"t{i}.png", rng)
     for i in range(30):
         _img(raw / "unlabeled" / "batch1" / f"{i}.png", rng)  # recursive
     good = raw / "labeled/cancer/0.png"
@@ -135,14 +145,27 @@ def test_folder_mode_quarantines_corrupt_image(tmp_path):
     (raw / "unlabeled/broken.jpg").write_bytes(data[: len(data) // 2])  # truncated transfer
     F.write_non_utf8_name(raw / "unlabeled", stem=b"scan_\xff")  # DVC cannot hash this name
     assert good.exists()
-    set_params(repo, {"data.source": "folder", "data.test_fraction": 0.25, "cluster.k": 3})
+    (repo / "data/weights/resnet18-f37072fd.pth").write_bytes(b"stand-in weights")
+    set_params(repo, {"data.source": "folder", "cluster.k": 3})
+    # docs/pipeline.md's versioning commands, as written, against a local remote
+    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo, env)
+    for line in docs_block(ROOT / "docs/pipeline.md", "tests/test_pipeline.py runs this block"):
+        run(["bash", "-c", line], repo, env)
+    untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
+    assert "data/raw" not in untracked and "data/weights" not in untracked, untracked
+    tracked = run(["git", "ls-files", "data"], repo, env).stdout.split()
+    assert {"data/raw/labeled.dvc", "data/raw/unlabeled.dvc", "data/raw/test.dvc",
+            "data/weights/resnet18-f37072fd.pth.dvc"} <= set(tracked)
+    assert not [t for t in tracked if t.endswith((".png", ".jpg", ".pth"))]  # no image in git
+    assert any((tmp_path / "remote").rglob("*")), "dvc push stored nothing"
     out = run(["dvc", "repro"], repo, env)
     assert ran_stages(out.stdout) == STAGES
+    assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 0
     quarantine = (repo / "data/qc/quarantine.csv").read_text()
     assert "data/raw/unlabeled/broken.jpg,decode_error" in quarantine
     assert "data/raw/unlabeled/scan_\\xff.png,non_utf8_filename" in quarantine
     qc = json.loads((repo / "metrics/qc/metrics.json").read_text())
-    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 30 + 3
+    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 6 + 30 + 3
     assert qc["reason"]["decode_error"] == 1 and qc["reason"]["non_utf8_filename"] == 1
 
 

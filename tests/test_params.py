@@ -265,3 +265,43 @@ def test_exponent_without_a_dot_says_how_to_write_it(tmp_path, raw):
         load_params(path)
     path.write_text(path.read_text().replace("  C: 1e-3\n", "  C: 1.0e-3\n"))
     assert load_params(path)["train"]["C"] == 0.001
+
+
+def _string_keys(tree=SCHEMA, prefix=""):
+    """Dotted keys whose rule accepts a string but not a boolean."""
+    for key, val in tree.items():
+        if isinstance(val, dict):
+            yield from _string_keys(val, prefix + key + ".")
+        elif str in val.types and bool not in val.types:
+            yield prefix + key
+
+
+@pytest.mark.parametrize("dotted", sorted(_string_keys()))
+@pytest.mark.parametrize("word", ["yes", "No", "on", "OFF", "true"])
+def test_an_unquoted_yaml_boolean_for_a_string_says_to_quote_it(tmp_path, raw, dotted, word):
+    # YAML 1.1 reads yes/no/on/off/true/false as booleans: `positive_class: yes` is True
+    path = _write(tmp_path, raw)
+    leaf = dotted.split(".")[-1]
+    lines = path.read_text().splitlines()
+    section, in_section = dotted.split(".")[0], False
+    for i, line in enumerate(lines):  # replace the key's own line, in its own section
+        if not line.startswith(" "):
+            in_section = line == f"{section}:"
+        elif in_section and line.strip().startswith(f"{leaf}:") and \
+                len(line) - len(line.lstrip()) == 2 * (dotted.count(".")):
+            lines[i] = line[: line.index(":") + 1] + f" {word}"
+            break
+    else:
+        pytest.fail(f"{dotted} not found in params.yaml")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ParamsError) as exc:
+        load_params(path)
+    msg = str(exc.value)
+    assert f"'{dotted}' must be " in msg and "got the boolean" in msg
+    assert "quote the value" in msg and word.lower() in msg
+
+
+def test_a_number_for_a_string_says_to_quote_it(tmp_path, raw):
+    _set(raw, "data.positive_class", 1)
+    with pytest.raises(ParamsError, match=r"got the number 1; quote the value .*\"1\""):
+        load_params(_write(tmp_path, raw))

@@ -31,6 +31,14 @@ class Spec:
             if self.nullable:
                 return
             raise ParamsError(f"params: '{key}' must not be empty")
+        # a string read as a boolean or number by YAML: say to quote it
+        if str in self.types and bool not in self.types and (
+                isinstance(value, bool) or
+                (isinstance(value, (int, float)) and not isinstance(value, self.types))):
+            kind = "a string" if self.types == (str,) else self._type_names()
+            raise ParamsError(f"params: '{key}' must be {kind}, got {_yaml_scalar(value)}; "
+                              f"quote the value in params.yaml (e.g. {key.split('.')[-1]}: "
+                              f"\"{_yaml_word(value)}\")")
         # bool is an int subclass: reject True where a number is expected.
         if isinstance(value, bool) and bool not in self.types:
             raise ParamsError(f"params: '{key}' must be {self._type_names()}, got bool {value!r}")
@@ -55,6 +63,22 @@ class Spec:
 
     def _type_names(self) -> str:
         return " or ".join(t.__name__ for t in self.types)
+
+
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans
+YAML_BOOL_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+
+
+def _yaml_scalar(value: bool | int | float) -> str:
+    if isinstance(value, bool):
+        words = "/".join(YAML_BOOL_WORDS[value])
+        return (f"the boolean {value} (YAML 1.1 reads an unquoted {words} as "
+                f"{str(value).lower()})")
+    return f"the number {value!r}"
+
+
+def _yaml_word(value: bool | int | float) -> str:
+    return YAML_BOOL_WORDS[value][0] if isinstance(value, bool) else repr(value)
 
 
 def _yaml11_float(text: str) -> bool:

@@ -60,6 +60,8 @@ class Batch:
     extra: dict = field(default_factory=dict)
     n_files: int | None = None
     n_failed: int = 0
+    ids: list = field(default_factory=list)   # content ids (sha256), for the page's captions
+    split: str = ""                           # what the page calls the batch's images
 
 
 def folder_batch(folder: str, params: dict, rng: np.random.Generator) -> Batch:
@@ -78,11 +80,13 @@ def folder_batch(folder: str, params: dict, rng: np.random.Generator) -> Batch:
                             f"in the drift.batch folder passed QC (need at least 5 to compare "
                             f"distributions)")
     ok_paths = [str(f) for f, good in zip(files, ok) if good]
+    ok_ids = df.loc[ok, "id"].tolist()
     take = subsample(len(ok_paths), d["max_images"], rng)
     # never the folder path as the name: it may identify a patient
     return Batch(batch_label(n_files, df["id"]), X_ok[take], [ok_paths[i] for i in take],
                  df.loc[ok, "probability"].to_numpy(dtype=float)[take], predictor.bundle,
-                 {"n_files": n_files, "qc_failed": n_failed}, n_files, n_failed)
+                 {"n_files": n_files, "qc_failed": n_failed}, n_files, n_failed,
+                 [ok_ids[i] for i in take], "new batch")
 
 
 def test_split_batch(rows, X, fingerprint: dict, params: dict, rng: np.random.Generator) -> Batch:
@@ -96,7 +100,8 @@ def test_split_batch(rows, X, fingerprint: dict, params: dict, rng: np.random.Ge
         raise PipelineError("drift: fewer than 5 test images to compare (set drift.batch)")
     test = test[subsample(len(test), params["drift"]["max_images"], rng)]
     proba = positive_proba(bundle["model"], X[test], params["data"]["positive_class"])
-    return Batch("test split", X[test], rows.loc[test, "path"].tolist(), proba, bundle)
+    return Batch("test split", X[test], rows.loc[test, "path"].tolist(), proba, bundle,
+                 ids=rows.loc[test, "id"].tolist(), split="test")
 
 
 def reference_rows(pool: np.ndarray, p_ref: np.ndarray, batch: Batch, d: dict,
@@ -143,7 +148,8 @@ def main(argv=None) -> None:
     html = render_html(res, batch_name=batch.name, Z_ref=res["Z_ref"], Z_new=res["Z_new"],
                        stats_ref=stats_ref, stats_new=stats_new, p_ref=p_ref, p_new=batch.proba,
                        typical_paths=[batch.paths[i] for i in order], qc_failed=batch.n_failed,
-                       n_files=batch.n_files)
+                       n_files=batch.n_files, typical_ids=[batch.ids[i] for i in order] if batch.ids else (),
+                       typical_split=batch.split, typical_scores=res["witness_batch"][order].tolist())
     with atomic_path(args.report) as tmp:
         tmp.write_text(html)
     write_metrics(flat_metrics(res, {**batch.extra,

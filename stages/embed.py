@@ -6,6 +6,7 @@ from triage.backbone import check_weights_dependency
 from triage.embed import Embedder
 from triage.io import open_live, read_parquet, run_stage, write_json
 from triage.params import load_params
+from triage.progress import progress_batches
 from triage.store import load_reusable, write_embeddings
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
@@ -27,9 +28,14 @@ def main() -> None:
     # OUT is `persist: true` in dvc.yaml: DVC leaves the previous file in place so
     # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
     reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
+
+    def compute(paths):  # the embedder's batches, counted in images on stderr
+        return progress_batches(embedder.iter_batches(paths), total=len(paths), desc="embed",
+                                unit="img")
+
     start = time.perf_counter()
     n_new, n_reused = write_embeddings(rows, OUT, fingerprint=embedder.fingerprint_,
-                                      compute=embedder.iter_batches, reuse=reuse)
+                                      compute=compute, reuse=reuse)
     seconds = time.perf_counter() - start
     n = n_new + n_reused
     fingerprint = embedder.fingerprint_

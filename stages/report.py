@@ -1,10 +1,13 @@
-"""Stage `report`: error analysis page and model card, regenerated every run."""
+"""Stage `report`: error analysis page and model card, regenerated every run.
+
+The card's model version is the sha256 of the model files this stage depends on in
+dvc.yaml (never a date, host or commit: the outputs are hashed in dvc.lock)."""
 import json
 from pathlib import Path
 
 from triage.io import atomic_path, read_parquet, run_stage
 from triage.params import load_params
-from triage.report import error_table, render_errors_html, render_model_card
+from triage.report import Groups, error_table, read_versions, render_errors_html, render_model_card
 from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
@@ -14,6 +17,13 @@ PREDICTIONS = Path("data/evaluate/test_predictions.parquet")
 METRICS = ("evaluate", "qc", "pseudo_label", "train", "embed")
 ERRORS_HTML = Path("reports/errors.html")
 MODEL_CARD = Path("reports/model_card.md")
+DVC_YAML = Path("dvc.yaml")
+
+
+def negative_class(labels, positive: str) -> str:
+    """The other class's name (the labelled images' labels), or "not <positive>"."""
+    others = sorted({str(v) for v in labels if isinstance(v, str) and v != positive})
+    return others[0] if len(others) == 1 else f"not {positive}"
 
 
 def main() -> None:
@@ -34,12 +44,17 @@ def main() -> None:
     thresholds = {m: metrics["evaluate"][m]["threshold"] for m in ("semi_supervised", "baseline")}
     errors = {m: error_table(preds[preds["model"] == m], rows, X, clusters, positive, thr)
               for m, thr in thresholds.items()}
-    html = render_errors_html(errors, thresholds, metrics["evaluate"]["n_test"], positive)
+    groups = Groups(n=int(clusters[clusters >= 0].nunique()),
+                    method=params.get("cluster", {}).get("method"))
+    negative = negative_class(rows["label"], positive)
+    html = render_errors_html(errors, thresholds, metrics["evaluate"]["n_test"], positive,
+                              negative=negative, groups=groups)
     with atomic_path(ERRORS_HTML) as tmp:
         tmp.write_text(html, encoding="utf-8")
+    card = render_model_card(params, metrics, errors["semi_supervised"],
+                             versions=read_versions(DVC_YAML, "report"), groups=groups)
     with atomic_path(MODEL_CARD) as tmp:
-        tmp.write_text(render_model_card(params, metrics, errors["semi_supervised"]),
-                       encoding="utf-8")
+        tmp.write_text(card, encoding="utf-8")
     n = {m: len(e) for m, e in errors.items()}
     print(f"report: {ERRORS_HTML} ({n['semi_supervised']} semi-supervised errors), {MODEL_CARD}")
 

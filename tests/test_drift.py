@@ -259,3 +259,68 @@ def test_a_change_of_prevalence_alone_is_not_image_drift_once_matched():
     matched = compare(X_ref[idx], X_new, st_ref[idx], st_new, p_ref, p_new, 0.5, **kw)
     assert matched["embedding_drift"] == 0 and matched["drift"] == 0
     assert matched["prediction_shift"] == 1
+
+
+def test_unlike_the_pool_thumbnails_are_captioned_with_id_split_and_score_never_a_path(demo):
+    res = _compare(demo, "contrast")
+    paths = demo["paths_new"][:2]
+    ids = ["4c69e1970f330e6d27a2a59501c7", "a54525d04ddc8f06ab56a9b916e8"]
+    html = render_html(res, batch_name="b", typical_paths=paths, typical_ids=ids,
+                       typical_split="test", typical_scores=[0.01234, 0.0101])
+    grid = html[html.index("Batch images most unlike the pool"):]
+    assert "<code title='image id (sha256 of the file)'>4c69e197</code><br>test<br>witness 0.0123" in grid
+    assert "a54525d0" in grid and "witness 0.0101" in grid
+    assert 'alt="image 4c69e197"' in grid
+    assert "4c69e1970f33" not in html  # a short prefix, not the whole id
+    for p in paths:
+        assert str(p) not in html and p.name not in html and p.parent.name + "/" not in html
+
+
+def _same(n_batch: int, n_ref: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return compare(rng.normal(size=(n_ref, 8)), rng.normal(size=(n_batch, 8)),
+                   rng.normal(100, 10, (n_ref, 3)), rng.normal(100, 10, (n_batch, 3)),
+                   rng.uniform(size=n_ref), rng.uniform(size=n_batch), 0.5, **KW)
+
+
+def test_a_no_drift_verdict_on_a_small_batch_carries_a_low_power_warning():
+    from triage.drift import MEDIUM_EFFECT_KS, power_note
+
+    small = _same(40)
+    assert small["drift"] == 0
+    html = render_html(small, batch_name="b")
+    assert "Low power: “no drift detected” is not evidence of no drift at this sample size" in html
+    pw = power_note(small)
+    assert pw["low_power"] and pw["detectable"] > MEDIUM_EFFECT_KS
+    assert f"at least {pw['detectable']:.2f}" in html and f"at least {pw['min_batch']} images" in html
+    # the warning sits with the verdict, before the details
+    assert html.index("No drift detected") < html.index("Low power") < html.index("<h2>Signals")
+    # a batch large enough to see a medium shift: no warning, the rule still stated
+    large = _same(300)
+    assert large["drift"] == 0 and not power_note(large)["low_power"]
+    html = render_html(large, batch_name="b")
+    assert "Low power" not in html and "Resolution at this sample size" in html
+    # the suggested batch size is where the warning stops
+    n = pw["min_batch"]
+    assert power_note({**small, "n_batch": n})["low_power"] is False
+    assert power_note({**small, "n_batch": n - 1})["low_power"] is True
+
+
+def test_a_detected_drift_needs_no_low_power_warning(demo):
+    res = _compare(demo, "contrast")  # 60 images: small, but the drift was found
+    assert res["drift"] == 1
+    assert "Low power" not in render_html(res, batch_name="b")
+
+
+def test_ks_detectable_distance_is_the_ks_critical_value():
+    from scipy.stats import kstwobign
+
+    from triage.drift import MEDIUM_EFFECT_KS, ks_detectable_distance
+
+    for alpha in (0.05, 0.01, 0.01 / 3):
+        n = m = 5000  # asymptotic regime: c(α)√((n+m)/(nm)) vs the Kolmogorov distribution
+        d = ks_detectable_distance(n, m, alpha)
+        assert d * np.sqrt(n * m / (n + m)) == pytest.approx(kstwobign.isf(alpha), rel=2e-3)
+    # a medium effect (Cohen's d = 0.5 between two normals) as a KS distance
+    from scipy.stats import norm
+    assert MEDIUM_EFFECT_KS == pytest.approx(2 * norm.cdf(0.25) - 1)

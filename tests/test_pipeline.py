@@ -94,21 +94,32 @@ def test_train_param_change_reruns_only_downstream_and_review_shows_it(demo_repo
     assert run(["dvc", "status", "-q"], repo, env, check=False).returncode == 1
     out = run(["dvc", "repro"], repo, env)
     # The stages that read train.* (crossval, train, report) and those that read the new
-    # models (evaluate, select, drift); nothing upstream of train.
+    # models or their metrics (evaluate, select, drift, summary); nothing upstream of train.
     assert sorted(ran_stages(out.stdout)) == sorted(["crossval", "train", "evaluate", "report",
-                                                     "select", "drift"])
+                                                     "select", "drift", "summary"])
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "C=0.5"], repo, env)
 
     report = run(["bash", "scripts/review.sh", "base"], repo, env).stdout
-    assert report.startswith("# Pipeline review: workspace vs `base`")
-    assert "`dvc status` is clean" in report
-    params = report[report.index("## Params"):report.index("## Plots")]
+    lines = report.splitlines()
+    assert lines[0].startswith("# Pipeline review: workspace vs `base`")
+    # the first screen is the verdict table: base -> workspace with CIs and a verdict each
+    assert lines[2] == "| | `base` | workspace | change | verdict |", lines[:4]
+    table = [line for line in lines[4:] if line.startswith("| ")]
+    assert table[0].startswith("| ROC-AUC, semi-supervised (test) |")
+    base_auc = json.loads(run(["git", "show", "base:metrics/evaluate/metrics.json"], repo,
+                              env).stdout)["semi_supervised"]["roc_auc"]
+    assert f"{base_auc:.3f} [" in table[0]
+    assert any(v in table[0] for v in ("unchanged", "no significant change", "better", "worse"))
+    assert "Results are fresh" in report
+    params = report[report.index("## Params changed"):report.index("## Curves")]
     assert "train.C" in params and "0.1" in params and "0.5" in params
-    metrics = report[report.index("## Metrics"):report.index("## Params")]
+    assert report.index("## Curves") < report.index("# Details")
+    metrics = report[report.index("## All metrics"):]
     assert "metrics/evaluate/metrics.json" in metrics
     assert "baseline.roc_auc" in metrics or "semi_supervised.roc_auc" in metrics
     assert "qc/metrics.json" not in metrics  # QC did not re-run: nothing changed there
+    assert "metrics/runtime" not in report  # wall-clock figures are not in the review
     assert (repo / "dvc_plots/roc.png").is_file() and "dvc_plots/roc.png" in report
 
 
@@ -180,3 +191,38 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     set_params(repo, {"data.source": "somewhere"})
     res = run([sys.executable, "-m", "stages.prepare"], repo, env, check=False)
     assert "data.source" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_readme_experiment_recipe_queues_filters_and_keeps_the_ci_columns(tiny_pipeline, tmp_path):
+    # the README's experiments block as written: a queued run never touches the workspace,
+    # its log is readable, and the exp show filter keeps the CI columns it names
+    repo = clone_repo(tiny_pipeline.repo, tmp_path / "repo")
+    env = {**tiny_pipeline.env, "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache")}
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results"], repo, env)
+    lines = docs_block(ROOT / "README.md", "tests/test_pipeline.py runs this block")
+    show = next(line for line in lines if line.startswith("dvc exp show"))
+    C = lambda: yaml.safe_load((repo / "params.yaml").read_text())["train"]["C"]  # noqa: E731
+    before = C()
+    for line in lines:
+        if line is show or line.startswith("dvc exp apply"):
+            continue
+        out = run(["bash", "-c", line], repo, env)
+        if line.startswith("dvc queue logs"):
+            assert "Running stage 'train'" in out.stdout + out.stderr
+        assert C() == before  # queued: the workspace keeps its params
+    status = run(["dvc", "queue", "status"], repo, env).stdout
+    assert "Success" in status and "Failed" not in status, status
+    table = json.loads(run(["bash", "-c", show + " --json"], repo, env).stdout)
+    exp = [e for row in table for e in (row.get("experiments") or [])
+           for e in e["revs"] if e.get("name") == "high-c"]
+    assert exp, "the queued experiment is not in dvc exp show"
+    csv = run(["bash", "-c", show + " --csv"], repo, env).stdout.splitlines()
+    columns = csv[0].split(",")
+    assert {"train.C", "test_auc_semi", "test_sens_semi", "test_fn_semi", "cv_delta_auc",
+            "cv_delta_auc_ci_low", "cv_delta_auc_ci_high"} <= set(columns), columns
+    assert not [c for c in columns if ":" in c], columns  # no path-prefixed (clashing) key
+    assert any(row.split(",")[columns.index("train.C")] == "1.0" for row in csv[1:])
+    apply = next(line for line in lines if line.startswith("dvc exp apply"))
+    run(["bash", "-c", apply], repo, env)
+    assert C() == 1.0

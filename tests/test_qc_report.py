@@ -4,8 +4,10 @@ rendered in headless Chromium when /usr/bin/chromium exists."""
 import base64
 import io
 import os
+import re
 import subprocess
 import sys
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from PIL import Image
 from triage.io import write_parquet
 from triage.prepare import build_manifest
 from triage.qc import run_qc
-from triage.qc_report import render_html, write_html
+from triage.qc_report import LABELS, SUMMARY_KEYS, render_html, write_html
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +103,8 @@ def test_summary_counts_match_the_stats(messy):
     assert (f"Invariant: {s['n_images']} images in = {s['n_passed']} passed + "
             f"{s['n_quarantined']} quarantined") in html
     for why, n in r.quarantine["reason"].value_counts().items():
-        assert f"<td>{why}</td><td class=\"n\">{n}</td>" in html
+        assert (f'<td><span title="{why}">{LABELS["reason/" + why]}</span> <code class="key">{why}</code>'
+                f'</td><td class="n">{n}</td>') in html
     assert f"Quarantined images ({len(r.quarantine)})" in html
     assert f"Exact duplicate groups (same bytes) ({s['exact_duplicate_groups']})" in html
     assert f"Near-duplicate groups (perceptual hash) ({s['near_duplicate_groups']})" in html
@@ -191,3 +194,45 @@ def test_stage_writes_outputs_and_logs_counts_not_paths(tmp_path):
     metrics = json.loads((tmp_path / "metrics/qc/metrics.json").read_text())
     assert metrics["n_images"] == metrics["n_passed"] + metrics["n_quarantined"] == len(manifest)
     assert metrics["reason"]["leakage"] == 1 and "intensity" in metrics and "notes" in metrics
+
+
+def test_words_wrap_between_words_and_only_paths_break_anywhere(messy):
+    html = messy["html"]
+    css = html[html.index("<style>"):html.index("</style>")]
+    assert "break-all" not in css  # broke every word mid-word, in cards and their tables
+    assert re.search(r"\.path[^{]*\{[^}]*overflow-wrap:anywhere", css)
+    page = parse(html)
+    # every image path on a card is in a .path element; the words around it are not
+    paths = [p for p in messy["report"].frame["path"].astype(str) if escape(p) in html]
+    assert paths
+    for p in paths:
+        assert re.search(r'class="[^"]*\bpath\b[^"]*">[^<]*' + re.escape(escape(p)), html), p
+    assert "Quarantined images" in page.body
+
+
+def test_metric_names_are_words_with_the_raw_key_beside_them(messy):
+    r, html = messy["report"], messy["html"]
+    s = r.stats
+    shown = ([k for k in SUMMARY_KEYS if k in s] + [k for k in s if k.startswith(("notes/", "size/"))
+                                                    and (s[k] or k.startswith("size/"))])
+    for key in shown:
+        assert key in LABELS, f"no words for {key} in qc_report.LABELS"
+        assert f'<span title="{key}">{escape(LABELS[key])}</span> <code class="key">{key}</code>' in html
+    # a raw key is never the only text of a cell
+    assert "<td>size/min_side</td>" not in html and "<td>min_side</td>" not in html
+    assert "<td>n_images</td>" not in html
+    assert "Smallest side (px)" in html and "Images in" in html
+    assert {f"reason/{c}" for c in r.quarantine["reason"]} <= set(LABELS)
+    # the params table: words and qc.<key>
+    for k in r.params:
+        assert f'<code class="key">qc.{k}</code>' in html
+    # cards name the reason in words, code beside it
+    assert '<span class="reason" title="too_small">Too small</span> <code class="key">too_small</code>' in html
+
+
+def test_every_documented_quarantine_reason_has_words():
+    import triage.qc as qc
+    doc = qc.__doc__.split("Order of the checks")[1].split("Usable oddities")[0]
+    codes = set(re.findall(r"``([a-z_0-9]+)``", doc))
+    assert {"zero_byte", "decode_error", "too_small", "leakage", "near_duplicate"} <= codes
+    assert not {f"reason/{c}" for c in codes} - set(LABELS), "add the words to qc_report.LABELS"

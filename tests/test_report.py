@@ -1,4 +1,7 @@
 """Error analysis page and model card built from real (tiny) pipeline-shaped inputs."""
+import hashlib
+import re
+import socket
 from html.parser import HTMLParser
 
 import numpy as np
@@ -8,19 +11,30 @@ import yaml
 from browser import dump_dom, needs_chromium
 from PIL import Image
 
-from triage.report import error_table, nearest_labelled, render_errors_html, render_model_card
+from triage.pages import THUMB_PX, fmt_score, fmt_scores, plural, score_vs_threshold
+from triage.report import (
+    Groups,
+    Versions,
+    error_table,
+    model_files,
+    nearest_labelled,
+    read_versions,
+    render_errors_html,
+    render_model_card,
+)
 
 
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.cards, self.h2 = [], [], []
+        self.imgs, self.cards, self.h2, self.widths = [], [], [], []
         self._in_h2 = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "img":
             self.imgs.append(a.get("src", ""))
+            self.widths.append(a.get("width"))
         if tag == "div" and "err" in (a.get("class") or "").split():
             self.cards.append(a.get("data-kind"))
         self._in_h2 = tag == "h2"
@@ -104,7 +118,7 @@ def test_model_card_reports_metrics_with_cis(scene, repo_root):
         assert section in card
     assert "0.810 (0.750–0.860)" in card and "93.0 % (88.0–96.0)" in card
     assert "not a diagnosis" in card.lower() or "never a diagnosis" in card.lower()
-    assert "2 missed cancer images" in card
+    assert "2 missed images of class **cancer**" in card
 
 
 @needs_chromium
@@ -118,3 +132,173 @@ def test_errors_page_renders_in_headless_chromium(scene, tmp_path):
     assert "Error analysis on the held-out test set" in dom
     assert dom.count('data-kind="false negative"') == 2
     assert dom.index("false negative") < dom.index('data-kind="false positive"')
+
+
+# --------------------------------------------------------------------------- readable cards
+def _errors_page(scene, **kw):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=kw.pop("threshold", 0.5))
+    return err, render_errors_html({"semi_supervised": err}, {"semi_supervised": kw.pop("thr", 0.5)},
+                                   6, "cancer", **kw)
+
+
+def test_neighbour_thumbnails_are_as_large_as_the_error_thumbnail(scene):
+    _, html = _errors_page(scene, negative="normal", groups=Groups(3, "kmeans"))
+    page = _Collect()
+    page.feed(html)
+    assert len(page.widths) == 4 * (1 + 3)
+    assert all(w is not None and int(w) >= 96 and int(w) == THUMB_PX for w in page.widths), page.widths
+    # the card is wide enough for the three neighbours side by side
+    width = int(re.search(r"\.card\.err\{width:(\d+)px\}", html).group(1))
+    assert width >= 3 * THUMB_PX
+
+
+def test_cluster_is_named_as_a_group_of_similar_images_and_explained(scene):
+    _, html = _errors_page(scene, negative="normal", groups=Groups(3, "kmeans"))
+    assert "cluster 0" not in html and "cluster 1" not in html and "cluster 2" not in html
+    # id09 is in cluster 9 % 3 = 0
+    assert "similar-image group 0 of 3" in html
+    legend = html[html.index("How to read a card"):html.index("<h2")]
+    assert "3 groups of visually similar images" in legend and "k-means" in legend
+    assert "not a diagnosis or a class" in legend
+
+
+def test_a_tiny_score_reads_comparably_to_its_threshold(scene):
+    rows, X, pred, clusters = scene
+    pred = pred.assign(proba=pred["id"].map({"id08": 0.9, "id09": 0.0000312, "id10": 0.001,
+                                             "id11": 0.3, "id12": 0.7, "id13": 0.95}))
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.0119)
+    html = render_errors_html({"semi_supervised": err}, {"semi_supervised": 0.0119}, 6, "cancer",
+                              negative="normal")
+    assert "score 0.0000312 &lt; threshold 0.0119 → predicted normal" in html
+    assert "0.000 " not in html and "= 0.000<" not in html
+    # false positives: a score above the threshold reads as such
+    assert "score 0.900 ≥ threshold 0.0119 → predicted cancer" in html
+    assert "threshold 0.0119: 1 false negative, 2 false positives" in html
+
+
+def test_fmt_scores_keeps_significant_digits_and_never_reads_two_values_as_equal_or_inverted():
+    assert fmt_scores(0.0000312, 0.0119) == ["0.0000312", "0.0119"]
+    assert fmt_scores(0.9, 0.05792) == ["0.900", "0.0579"]
+    a, b = fmt_scores(0.057914, 0.05792)
+    assert a != b and float(a) < float(b)
+    assert fmt_scores(0.0579, 0.0579) == ["0.0579", "0.0579"]
+    a, b = fmt_scores(0.0999996, 0.1000001)
+    assert float(a) < float(b)
+    assert fmt_score(1e-9) == "< 0.000001" and fmt_score(float("nan")) == "n/a"
+    assert fmt_score(0.0) == "0.000" and fmt_score(1.0) == "1.00"
+    assert score_vs_threshold(0.0119, 0.0119, "cancer", "normal") == \
+        "score 0.0119 ≥ threshold 0.0119 → predicted cancer"
+    assert score_vs_threshold(1e-9, 0.0119, "yes", "no") == "score < 0.000001 < threshold 0.0119 → predicted no"
+
+
+def test_plural_agrees_with_the_count():
+    assert plural(1, "image") == "1 image" and plural(0, "image") == "0 images"
+    assert plural(2, "false negative") == "2 false negatives"
+    assert plural(3, "analysis", "analyses") == "3 analyses"
+
+
+# --------------------------------------------------------------------------- model card
+def _card_metrics(sens: float, fn: int, tp: int, hi: float = 0.97) -> dict:
+    ev = {m: {"roc_auc": 0.81, "sensitivity": sens, "sensitivity_ci_low": sens - 0.05,
+              "sensitivity_ci_high": hi, "fn": fn, "tp": tp, "threshold": 0.0579}
+          for m in ("baseline", "semi_supervised")}
+    ev.update(delta={}, n_test=2 * (fn + tp))
+    return {"evaluate": ev, "embed": {"fingerprint": "8cc4a8fe3f886100"}}
+
+
+def _params(repo_root, **updates):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    for k, v in updates.items():
+        a, b = k.split(".")
+        params[a][b] = v
+    return params
+
+
+def test_card_flags_a_test_sensitivity_below_the_target(scene, repo_root):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    params = _params(repo_root, **{"evaluate.target_sensitivity": 0.95})
+    card = render_model_card(params, _card_metrics(0.907, 14, 136, hi=0.94), err)
+    line = next(s for s in card.splitlines() if "Sensitivity" in s and "target" in s)
+    assert line.startswith("> ⚠ **Sensitivity 90.7 % on the test set is below the 95.0 % target**")
+    assert "14 of the 150 test images of class **cancer** are missed" in line
+    assert "threshold 0.0579" in line and "upper end of its confidence interval (94.0 %)" in line
+    # the flag comes before any section: the first thing a reader sees
+    assert card.index("⚠") < card.index("## ")
+    # within the CI: said so, still flagged
+    card = render_model_card(params, _card_metrics(0.94, 9, 141, hi=0.97), err)
+    assert "⚠ **Sensitivity 94.0 % on the test set is below the 95.0 % target**" in card
+    assert "still includes the target" in card
+    # one decimal would read 95.0 % < 95.0 %: two decimals then
+    card = render_model_card(params, _card_metrics(0.9496, 8, 150, hi=0.99), err)
+    assert "Sensitivity 94.96 % on the test set is below the 95.0 % target" in card
+
+
+def test_card_says_plainly_when_the_target_is_met_and_uses_singulars(scene, repo_root):
+    rows, X, pred, clusters = scene
+    pred = pred.assign(proba=pred["id"].map({"id08": 0.1, "id09": 0.1, "id10": 0.2, "id11": 0.8,
+                                             "id12": 0.3, "id13": 0.95}))
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    params = _params(repo_root, **{"evaluate.target_sensitivity": 0.9})
+    card = render_model_card(params, _card_metrics(0.96, 1, 24), err, groups=Groups(3, "kmeans"))
+    assert "> Sensitivity 96.0 % on the test set meets the 90.0 % target" in card
+    assert "1 of the 25 test images of class **cancer** is missed" in card
+    assert "⚠" not in card
+    assert "1 missed image of class **cancer** on test (false negative;" in card
+    assert "missed images" not in card.split("## Known failure modes")[1].split("\n")[1]
+    assert "similar-image groups 0 (1 image) of 3" in card and "k-means" in card
+    assert not re.search(r"\b1 (images|false negatives|missed images)\b", card)
+
+
+def test_card_versions_the_model_files_without_date_host_or_commit(scene, repo_root, tmp_path,
+                                                                      monkeypatch):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    models = tmp_path / "data" / "models"
+    models.mkdir(parents=True)
+    (models / "semi_supervised.skops").write_bytes(b"semi")
+    (models / "baseline.skops").write_bytes(b"base")
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    dvc["stages"]["report"]["deps"] += ["data/models/semi_supervised.skops", "data/models/baseline.skops"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    monkeypatch.chdir(tmp_path)
+    versions = read_versions("dvc.yaml", "report")
+    semi = hashlib.sha256(b"semi").hexdigest()[:12]
+    assert versions.models == {"data/models/semi_supervised.skops": semi,
+                               "data/models/baseline.skops": hashlib.sha256(b"base").hexdigest()[:12]}
+    from importlib.metadata import version
+    assert versions.package == version("triage") and not versions.missing
+    params = _params(repo_root)
+    card = render_model_card(params, _card_metrics(0.96, 1, 24), err, versions=versions)
+    assert f"- Model version: `{semi}` (semi-supervised, `data/models/semi_supervised.skops`)" in card
+    assert f"- Package: `triage` {version('triage')}." in card
+    assert "- Embedding fingerprint: `8cc4a8fe3f886100`" in card
+    assert "`git log -1 --format='%h %cI' -- dvc.lock`" in card
+    # nothing that differs between machines or runs
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", card)
+    assert socket.gethostname() not in card
+    assert card == render_model_card(params, _card_metrics(0.96, 1, 24), err, versions=read_versions())
+
+
+def test_model_files_are_the_model_artifacts_among_the_stage_deps(repo_root):
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    artifacts = sorted(a["path"] for a in dvc["artifacts"].values() if a["type"] == "model")
+    used, missing = model_files(dvc, "evaluate")
+    assert sorted(used) == artifacts and missing == []
+    assert model_files({"stages": {"report": {"deps": ["x.py"]}}, "artifacts": {}}) == ([], [])
+    card_missing = render_model_card(_params(repo_root), _card_metrics(0.96, 1, 24),
+                                     error_table(pd.DataFrame(columns=["id", "label", "proba"]),
+                                                 pd.DataFrame(columns=["id", "split", "label", "path"]),
+                                                 np.zeros((0, 2)), pd.Series(dtype=int), "cancer", 0.5),
+                                     versions=Versions({}, "0.1.0", ("data/models/semi_supervised.skops",)))
+    assert "Model version: not recorded: `data/models/semi_supervised.skops` are not deps" in card_missing
+
+
+def test_report_stage_depends_on_the_model_files_its_card_versions(repo_root):
+    """The card's model version is the sha256 of the report stage's model deps: without them
+    in dvc.yaml the card would say 'not recorded' (and not re-run when only a model changes)."""
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    used, missing = model_files(dvc, "report")
+    assert "data/models/semi_supervised.skops" in used and not missing, \
+        "add data/models/semi_supervised.skops and data/models/baseline.skops to the report stage's deps"

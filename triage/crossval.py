@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from .models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
+from .progress import progress
 from .pseudo import labeller_for, pseudo_label_quality, run_strategy
 
 
@@ -112,7 +113,8 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     splits, k = fold_splits((y_lab == positive).astype(int), folds, repeats, seed)
     classes = sorted(set(y_lab.tolist()))
     records = []
-    for f, (tr, va) in enumerate(splits):
+    for f, (tr, va) in enumerate(progress(splits, total=len(splits), desc="crossval",
+                                          unit="fold")):
         fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)
         pseudo = fold.rows
         # Guard: a pseudo-label may only name a pool image, never a labelled one.

@@ -22,6 +22,7 @@ Everything is seeded (subsampling, permutations): the same inputs give the same 
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 import numpy as np
@@ -30,7 +31,17 @@ from scipy.stats import fisher_exact, ks_2samp
 from .canonical import canonical_reducer, snap, snap_relative
 from .errors import PipelineError
 from .images import load_grey
-from .pages import BASE_CSS, PAGE_END, density_histograms_svg, grid, page_head, table, thumbnail_html
+from .pages import (
+    BASE_CSS,
+    PAGE_END,
+    density_histograms_svg,
+    grid,
+    img_html,
+    page_head,
+    plural,
+    table,
+    thumbnail_uri,
+)
 
 STAT_NAMES = ("mean_intensity", "contrast", "sharpness")
 
@@ -196,16 +207,63 @@ CSS = BASE_CSS + """
 .card{width:110px;border:none;text-align:center}
 """
 NUM_CLASS = " class=n"   # this page spells the numeric cell class unquoted (bytes as in dvc.lock)
+ID_CHARS = 8             # image id (sha256 of the bytes) prefix in a caption: never a path or name
+# The smallest shift the page calls worth detecting: a medium effect, half a standard
+# deviation between the means of two normal distributions (Cohen's d = 0.5). Its KS
+# distance is 2·Φ(d/2) − 1 = erf(d / (2√2)) ≈ 0.197.
+MEDIUM_EFFECT_D = 0.5
+MEDIUM_EFFECT_KS = math.erf(MEDIUM_EFFECT_D / (2 * math.sqrt(2)))
+
+
+def ks_detectable_distance(n: int, m: int, alpha: float) -> float:
+    """The KS distance two samples of ``n`` and ``m`` must show to be significant at
+    ``alpha`` (two-sided, asymptotic): c(α)·√((n + m)/(n·m)), c(α) = √(−ln(α/2)/2).
+
+    A true shift of exactly this size is detected about half the time; a smaller one
+    less often than not. Used by the page only (the verdict's low-power warning)."""
+    if n < 1 or m < 1:
+        return float("inf")
+    return _ks_c(alpha) * math.sqrt((n + m) / (n * m))
+
+
+def _ks_c(alpha: float) -> float:
+    return math.sqrt(-math.log(alpha / 2) / 2)
+
+
+def power_note(res: dict) -> dict:
+    """The image-statistics KS tests' resolution at this sample size: the distance they
+    need (``detectable``, at α / number of statistics, their Bonferroni level) and whether
+    a medium shift (:data:`MEDIUM_EFFECT_KS`) is below it (``low_power``)."""
+    k = max(len(res.get("image_stats") or ()), 1)
+    level = res["alpha"] / k
+    m = res["n_reference"]
+    d = ks_detectable_distance(res["n_batch"], m, level)
+    # smallest batch whose detectable distance is the medium shift's, with this pool sample
+    room = (MEDIUM_EFFECT_KS / _ks_c(level)) ** 2 - 1 / max(m, 1)
+    return {"detectable": d, "level": level, "n_statistics": k, "low_power": d > MEDIUM_EFFECT_KS,
+            "min_batch": math.ceil(1 / room) if room > 0 else None}
 
 
 def _verdict(res: dict, batch_name: str) -> str:
     verdict = res["drift"]
-    return (f'<div class="{"bad" if verdict else "ok"}"><b>{"Drift detected" if verdict else "No drift detected"}</b>'
-            f' for {escape(batch_name)} against the training pool (embedding: '
-            f'{"drift" if res["embedding_drift"] else "no drift"}; image statistics: '
-            f'{"drift" if res["image_stats_drift"] else "no drift"}). Predicted-positive rate '
-            f'{res["positive_rate"]["batch"]:.1%} vs {res["positive_rate"]["reference"]:.1%} in the pool'
-            f'{" — <b>shifted</b>" if res["prediction_shift"] else " — no significant shift"}.</div>')
+    box = (f'<div class="{"bad" if verdict else "ok"}"><b>{"Drift detected" if verdict else "No drift detected"}</b>'
+           f' for {escape(batch_name)} against the training pool (embedding: '
+           f'{"drift" if res["embedding_drift"] else "no drift"}; image statistics: '
+           f'{"drift" if res["image_stats_drift"] else "no drift"}). Predicted-positive rate '
+           f'{res["positive_rate"]["batch"]:.1%} vs {res["positive_rate"]["reference"]:.1%} in the pool'
+           f'{" — <b>shifted</b>" if res["prediction_shift"] else " — no significant shift"}.</div>')
+    pw = power_note(res)
+    if not verdict and pw["low_power"]:
+        more = (f"Compare a batch of at least {plural(pw['min_batch'], 'image')} before trusting "
+                f"this verdict." if pw["min_batch"] else
+                "Compare a larger batch (and pool sample) before trusting this verdict.")
+        box += (f'<div class="warn low-power"><b>⚠ Low power: “no drift detected” is not evidence '
+                f'of no drift at this sample size.</b> With {plural(res["n_batch"], "batch image")} '
+                f'against {plural(res["n_reference"], "pool image")}, the KS tests flag a shift only '
+                f'when the two distributions differ by a KS distance of at least '
+                f'{pw["detectable"]:.2f}; a medium shift (half a standard deviation, KS distance '
+                f'{MEDIUM_EFFECT_KS:.2f}) would more often be missed than found. {more}</div>')
+    return box
 
 
 def _signal_rows(res: dict) -> list[list]:
@@ -237,8 +295,16 @@ def _intro(res: dict, qc_failed: int, n_files: int | None) -> list[str]:
                     "the batch's predicted-positive rate, so a change of prevalence alone is not "
                     "read as a change of the images; the predicted-positive-rate row compares "
                     "with the whole pool.</p>")
+    pw = power_note(res)
+    body.append(f"<p class='muted'>Resolution at this sample size: the image-statistics KS tests "
+                f"(level α/{pw['n_statistics']} = {pw['level']:.2g}) flag a "
+                f"shift only when the batch and pool distributions differ by a KS distance of at "
+                f"least {pw['detectable']:.2f} (c(α)·√((n+m)/(n·m)) for n batch and m pool images, "
+                f"c(α) = √(−ln(α/2)/2)). When that exceeds {MEDIUM_EFFECT_KS:.2f}, the KS distance of "
+                f"a medium shift (half a standard deviation between the means), a “no drift” "
+                f"verdict comes with a low-power warning.</p>")
     if n_files is not None:
-        body.append(f"<p>{n_files} files in the batch, {qc_failed} failed QC (not compared).</p>")
+        body.append(f"<p>{plural(n_files, 'file')} in the batch, {qc_failed} failed QC (not compared).</p>")
     return body
 
 
@@ -263,18 +329,43 @@ def _charts(Z_ref, Z_new, stats_ref, stats_new, p_ref, p_new) -> list[str]:
     return charts
 
 
-def _typical(typical_paths) -> list[str]:
-    cards = [f'<div class="card">{thumbnail_html(p, missing="<div>no preview</div>")}</div>'
-             for p in typical_paths]
+def _caption(image_id, split: str, score) -> str:
+    """A thumbnail's caption: image id prefix, split, witness score; never a path or name."""
+    parts = []
+    if image_id:
+        parts.append(f"<code title='image id (sha256 of the file)'>{escape(str(image_id)[:ID_CHARS])}</code>")
+    if split:
+        parts.append(escape(split))
+    if score is not None and np.isfinite(score):
+        parts.append(f"witness {float(score):.3g}")
+    return f"<div class='muted'>{'<br>'.join(parts)}</div>" if parts else ""
+
+
+def _typical(typical_paths, ids, split: str, scores) -> list[str]:
+    n = len(typical_paths)
+    ids = list(ids) + [None] * (n - len(ids))
+    scores = list(scores) + [None] * (n - len(scores))
+    cards = []
+    for p, i, w in zip(typical_paths, ids, scores):
+        alt = f"image {str(i)[:ID_CHARS]}" if i else "batch image"
+        thumb = img_html(thumbnail_uri(p), alt=alt, missing="<div>no preview</div>")
+        cards.append(f'<div class="card">{thumb}{_caption(i, split, w)}</div>')
     return ["<h2>Batch images most unlike the pool</h2>",
-            "<p class='muted'>Largest MMD witness values: where the batch differs most.</p>",
+            "<p class='muted'>Largest MMD witness values: where the batch differs most. Caption: "
+            f"the first {ID_CHARS} characters of the image id (the sha256 of the file's bytes, as "
+            "<code>sha256sum</code> prints it: no file name), its split, and its witness value (mean "
+            "kernel similarity to the batch minus that to the pool; higher = more unlike the pool).</p>",
             grid(cards)]
 
 
 def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref=None,
                 stats_new=None, p_ref=None, p_new=None, typical_paths=(), qc_failed: int = 0,
-                n_files: int | None = None) -> str:
-    """Self-contained drift page (no external resources, no timestamps: deterministic)."""
+                n_files: int | None = None, typical_ids=(), typical_split: str = "",
+                typical_scores=()) -> str:
+    """Self-contained drift page (no external resources, no timestamps: deterministic).
+
+    ``typical_ids``/``typical_scores``: the content id and witness value of each of
+    ``typical_paths`` (captions); ``typical_split``: the split they come from."""
     body = [page_head("Drift report", CSS) + f"<h1>Drift report: {escape(batch_name)}</h1>",
             _verdict(res, batch_name)]
     body += _intro(res, qc_failed, n_files)
@@ -284,6 +375,6 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
     if charts:
         body += ["<h2>Distributions (pool grey, batch red)</h2>", grid(charts)]
     if typical_paths:
-        body += _typical(typical_paths)
+        body += _typical(typical_paths, typical_ids, typical_split, typical_scores)
     body.append("<p class='muted'>Embeds images: a DVC output, never committed to git.</p>" + PAGE_END)
     return "\n".join(body)

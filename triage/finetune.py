@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import PipelineError
+from .progress import progress
 from .torch_utils import deterministic, load_images, resolve_device
 
 PREPROCESS = ("grey(L) -> resize {s}x{s} bilinear -> [0,1] -> 3ch -> imagenet mean/std")
@@ -190,7 +191,8 @@ def train_model(x_lab, y_lab, x_pool, cfg: FinetuneConfig, *, ids_lab=None, ids_
     lab_cycle, pool_cycle = _Cycler(n_lab, g), _Cycler(max(n_pool, 1), g)
     seen: set = set()
     history = []
-    for epoch in range(cfg.epochs):
+    desc = f"finetune fold {fold_seed}" if fold_seed else "finetune"
+    for epoch in progress(range(cfg.epochs), total=cfg.epochs, desc=desc, unit="epoch"):
         sums = dict.fromkeys(("loss", "loss_x", "loss_u", "mask_rate", "pseudo_positive_share"), 0.0)
         n_masked_total = 0
         for _ in range(steps):

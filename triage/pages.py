@@ -1,10 +1,11 @@
 """Pieces shared by the self-contained HTML pages: qc (``reports/qc.html``), errors
 (``reports/errors.html``) and drift (``reports/drift.html``).
 
-The base CSS, greyscale thumbnails as PNG data URIs, number formatting, tables, grids of
-cards and two small inline SVG histogram charts. No external resources, no timestamps:
-the same inputs give the same bytes (the pages are DVC outputs with hashes in dvc.lock).
-Every text put on a page is escaped here or by the caller.
+The base CSS, greyscale thumbnails as PNG data URIs, number formatting (table cells; a
+score beside its threshold: :func:`fmt_scores`, :func:`score_vs_threshold`; counted nouns:
+:func:`plural`), tables, grids of cards and two small inline SVG histogram charts. No
+external resources, no timestamps: the same inputs give the same bytes (the pages are DVC
+outputs with hashes in dvc.lock). Every text put on a page is escaped here or by the caller.
 
 Only numpy, Pillow and the standard library: the page modules import this one, never
 each other.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from html import escape
 
 import numpy as np
@@ -28,6 +30,8 @@ NUM_CLASS = ' class="n"'   # attribute of a right-aligned (numeric) table cell
 SPLIT_COLOURS = {"labeled": "#1f77b4", "unlabeled": "#7f7f7f", "test": "#d62728"}
 SAMPLE_COLOURS = ("#7f7f7f", "#d62728", "#1f77b4")   # first, second, third sample of a chart
 
+# Text wraps between words everywhere; only long unbroken strings (paths, ids, raw keys:
+# class "path" / code.key) may break anywhere, never ordinary words (no word-break:break-all).
 BASE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -35,7 +39,8 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:8px 12px}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:200px;border:1px solid #ddd;padding:6px;font-size:.75em;word-break:break-all}
+.card{width:200px;border:1px solid #ddd;padding:6px;font-size:.75em}
+.path,code.key{overflow-wrap:anywhere}code.key{font-size:.8em;color:#666}
 .card img,.noimg{display:block;margin:0 auto 4px}
 .noimg{width:96px;height:96px;background:#eee;color:#888;font-size:.8em;display:flex;align-items:center;justify-content:center}
 .reason{font-weight:bold;color:#a00}.kept{font-weight:bold;color:#070}
@@ -80,12 +85,77 @@ def thumbnail_html(path: str, px: int = THUMB_PX, *, sized: bool = False,
     return img_html(thumbnail_uri(path, px), width=px if sized else None, missing=missing)
 
 
+# --------------------------------------------------------------------------- words, scores
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """``"1 image"``, ``"2 images"``, ``"0 images"``: the count and the noun agreeing with it."""
+    return f"{n} {singular if n == 1 else (plural_form or singular + 's')}"
+
+
+SCORE_DIGITS = 3      # significant digits a score or threshold keeps at least
+SCORE_FLOOR = 1e-6    # smaller positive scores read "< 0.000001" (no one compares further)
+
+
+def _score_text(v: float, digits: int) -> tuple[str, float]:
+    """(text, the value the text stands for) of one score with ``digits`` significant digits."""
+    if not math.isfinite(v):
+        return "n/a", v
+    if 0 < abs(v) < SCORE_FLOOR:
+        return f"< {SCORE_FLOOR:.6f}", 0.0
+    decimals = digits if v == 0 else max(digits - 1 - math.floor(math.log10(abs(v))), 0)
+    return f"{v:.{decimals}f}", round(v, decimals)
+
+
+def fmt_scores(*values: float, digits: int = SCORE_DIGITS) -> list[str]:
+    """Scores (probabilities) and thresholds as plain decimals that compare by eye.
+
+    Each keeps at least ``digits`` significant digits, so a small score never reads 0.000
+    beside a threshold of 0.0119 (it reads 0.0000312); digits are added to all of them
+    until no two different values read the same or in the wrong order. Every page that
+    sets a score beside its threshold formats both with this in one call.
+    """
+    vals = [float(v) for v in values]
+    for extra in range(12):
+        shown = [_score_text(v, digits + extra) for v in vals]
+        if all(np.sign(a - b) == np.sign(ra - rb)
+               for i, (a, (_, ra)) in enumerate(zip(vals, shown))
+               for b, (_, rb) in zip(vals[i + 1:], shown[i + 1:])
+               if math.isfinite(a - b) and not (abs(a) < SCORE_FLOOR and abs(b) < SCORE_FLOOR)):
+            break
+    return [t for t, _ in shown]
+
+
+def fmt_score(v: float) -> str:
+    """One score or threshold alone (see :func:`fmt_scores`)."""
+    return fmt_scores(v)[0]
+
+
+def score_vs_threshold(score: float, threshold: float, positive: str, negative: str) -> str:
+    """``"score 0.0000312 < threshold 0.0119 → predicted normal"``: the score, the threshold
+    with comparable digits, the comparison and the decision it gives (text, not escaped)."""
+    s, t = fmt_scores(score, threshold)
+    flagged = score >= threshold
+    return f"score {s} {'≥' if flagged else '<'} threshold {t} → predicted {positive if flagged else negative}"
+
+
 # --------------------------------------------------------------------------- tables, grids
+class Html(str):
+    """Text already HTML (escaped by whoever built it): a table cell puts it in as it is."""
+
+
 def fmt(v) -> str:
-    """A table cell's text: floats to 4 significant digits, anything else escaped."""
+    """A table cell's text: floats to 4 significant digits, :class:`Html` as is, anything
+    else escaped."""
+    if isinstance(v, Html):
+        return str(v)
     if isinstance(v, float):
         return f"{v:.4g}"
     return escape(str(v))
+
+
+def labelled_key(label: str, key: str) -> Html:
+    """A human label with its raw metric/parameter key beside it in small code text (and
+    as the tooltip), so the reader sees words and can still find the key in the metrics."""
+    return Html(f'<span title="{escape(key)}">{escape(label)}</span> <code class="key">{escape(key)}</code>')
 
 
 def table(header: list[str], rows: list[list], numeric_from: int = 1, *,

@@ -10,11 +10,16 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str, x_label: str,
                y_label: str, size: tuple[int, int] = (560, 440),
-               dashed: set[str] | None = None, diagonal: bool = False) -> Image.Image:
-    """Plot named (x, y) series on [0, 1]² axes; names in ``dashed`` are drawn dashed."""
+               dashed: set[str] | None = None, diagonal: bool = False,
+               colour_of: dict[str, int] | None = None,
+               points: dict[str, tuple[float, float]] | None = None) -> Image.Image:
+    """Plot named (x, y) series on [0, 1]² axes, one legend row each (the name is the
+    legend text). ``dashed`` names are drawn dashed, in the legend too; ``colour_of`` maps
+    a name to a palette index (one colour per model, base dashed); ``points`` marks one
+    point of a series (its operating point) with a ring."""
     w, h = size
     left, right, top = 56, 16, 34
-    img = Image.new("RGB", (w, h + 16 * ((len(series) + 1) // 2)), "white")
+    img = Image.new("RGB", (w, h + 16 * len(series)), "white")
     d = ImageDraw.Draw(img)
     pw, ph = w - left - right, h - top - 60
 
@@ -35,9 +40,9 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str
     d.text((4, top - 18), y_label, fill="black")
     if diagonal:
         d.line([px(0, 0), px(1, 1)], fill=(190, 190, 190))
-    dashed = dashed or set()
+    dashed, colour_of, points = dashed or set(), colour_of or {}, points or {}
     for i, (name, (xs, ys)) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = PALETTE[colour_of.get(name, i) % len(PALETTE)]
         pts = [px(min(max(x, 0), 1), min(max(y, 0), 1)) for x, y in zip(xs, ys)]
         if len(pts) >= 2:
             if name in dashed:
@@ -45,8 +50,16 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str
                     d.line([pts[j], pts[j + 1]], fill=colour, width=2)
             else:
                 d.line(pts, fill=colour, width=2)
-        lx = left + (i % 2) * (pw // 2)
-        ly = top + ph + 40 + 16 * (i // 2)
-        d.line([lx, ly + 6, lx + 18, ly + 6], fill=colour, width=3)
-        d.text((lx + 24, ly), name, fill="black")
+        if name in points:
+            cx, cy = px(*points[name])
+            d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=colour, width=2)
+        lx, ly = 8, top + ph + 40 + 16 * i
+        if name in dashed:
+            for x0 in (lx, lx + 8, lx + 16):
+                d.line([x0, ly + 6, x0 + 4, ly + 6], fill=colour, width=3)
+        else:
+            d.line([lx, ly + 6, lx + 20, ly + 6], fill=colour, width=3)
+        if name in points:
+            d.ellipse([lx + 26, ly + 2, lx + 34, ly + 10], outline=colour, width=2)
+        d.text((lx + 40, ly), name, fill="black")
     return img

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PipelineError
+from .progress import progress
 
 OUT_DIR = Path("data/pretrain")
 CHECKPOINT_FILE = "backbone.pt"
@@ -91,7 +92,7 @@ def pretrain_backbone(x, cfg: PretrainConfig, *, ids=None, device: str = "cpu",
     g = torch.Generator().manual_seed(cfg.seed)
     seen: set = set()
     history = []
-    for epoch in range(cfg.epochs):
+    for epoch in progress(range(cfg.epochs), total=cfg.epochs, desc="pretrain", unit="epoch"):
         perm = torch.randperm(len(x), generator=g).tolist()
         total_loss = 0.0
         for s in range(steps):

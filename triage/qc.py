@@ -37,11 +37,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.stats import ks_2samp
-from tqdm import tqdm
 
 from .errors import DataError, PipelineError
 from .images import exif_orientation, hamming_within, phash64, phash_hex, to_grey_array, upright
 from .params import check
+from .progress import progress
 
 QUARANTINE_COLUMNS = ["path", "reason", "detail"]
 # Formats whose usual extensions we know; a mismatch is noted, the image stays usable.
@@ -138,11 +138,12 @@ def inspect_all(paths: list[str], max_pixels: int, workers: int = 0,
     workers = resolve_workers(workers)
     jobs = [(p, max_pixels, convert_modes) for p in paths]
     if workers == 1 or len(jobs) < 64:
-        return [inspect_image(*j) for j in tqdm(jobs, desc="qc decode", disable=None)]
+        return [inspect_image(*j)
+                for j in progress(jobs, total=len(jobs), desc="qc decode", unit="img")]
     with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         it = pool.map(_inspect_star, jobs, chunksize=32)
-        return list(tqdm(it, total=len(jobs), desc="qc decode", disable=None))
+        return list(progress(it, total=len(jobs), desc="qc decode", unit="img"))
 
 
 class QCReport:

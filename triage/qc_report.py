@@ -18,7 +18,17 @@ from html import escape
 import pandas as pd
 
 from .io import atomic_path
-from .pages import BASE_CSS, PAGE_END, grid, img_html, split_histograms_svg, table, thumbnail_uri
+from .pages import (
+    BASE_CSS,
+    PAGE_END,
+    grid,
+    img_html,
+    labelled_key,
+    plural,
+    split_histograms_svg,
+    table,
+    thumbnail_uri,
+)
 from .qc import SPLITS, QCReport
 
 MAX_THUMBS = 120        # thumbnails per section (quarantined; kept with a note)
@@ -30,6 +40,82 @@ SUMMARY_KEYS = ("n_images", "n_passed", "n_quarantined", "valid_rate", "n_noted"
                 "near_leaked_test_images", "near_label_conflict_groups")
 GROUP_KINDS = (("exact", "Exact duplicate groups (same bytes)"),
                ("near", "Near-duplicate groups (perceptual hash)"))
+
+# The one table of words for the page's raw keys: metrics keys (metrics/qc), quarantine
+# reasons (reason/<code>, the codes of data/qc/quarantine.csv) and qc.* params. The page
+# shows the words with the raw key beside them (pages.labelled_key).
+LABELS = {
+    "n_images": "Images in",
+    "n_passed": "Passed QC",
+    "n_quarantined": "Quarantined",
+    "valid_rate": "Share that passed QC",
+    "n_noted": "Kept with a note",
+    "exact_duplicate_groups": "Groups of identical files",
+    "leaked_test_images": "Test images identical to a training/pool image (leakage)",
+    "leaked_test_groups": "Identical-file groups spanning test and training/pool",
+    "leaked_test_dropped": "Leaked test images dropped",
+    "near_duplicate_groups": "Near-duplicate groups",
+    "near_duplicate_images": "Images in near-duplicate groups",
+    "near_leaked_test_images": "Test images nearly identical to a training/pool image",
+    "near_label_conflict_groups": "Near-duplicate groups with conflicting labels",
+    "notes/mode_converted": "Colour mode converted to greyscale",
+    "notes/format_mismatch": "File format does not match its extension",
+    "notes/size_outlier": "Size far from the median",
+    "notes/near_duplicate": "Near-duplicate of another image",
+    "notes/near_leakage": "Possible leakage: near-duplicate across test and training/pool",
+    "notes/near_label_conflict": "In a near-duplicate group with conflicting labels",
+    "notes/leakage_kept": "Test copy of a training/pool image, kept",
+    "size/distinct": "Distinct image sizes",
+    "size/min_side": "Smallest side (px)",
+    "size/max_side": "Largest side (px)",
+    "size/median_width": "Median width (px)",
+    "size/median_height": "Median height (px)",
+    "size/outliers": "Size outliers",
+    "reason/zero_byte": "Empty file (0 bytes)",
+    "reason/unreadable": "File could not be read",
+    "reason/non_utf8_filename": "File name is not valid UTF-8",
+    "reason/link_outside_root": "Symlink leading outside the data folder",
+    "reason/not_an_image": "Not an image file",
+    "reason/decompression_bomb": "Too many pixels to open safely",
+    "reason/too_large": "More pixels than allowed",
+    "reason/decode_error": "Corrupt or truncated image",
+    "reason/unsupported_mode": "Unsupported colour mode",
+    "reason/too_small": "Too small",
+    "reason/aspect_outlier": "Too elongated (aspect ratio)",
+    "reason/blank": "Blank (near-constant pixels)",
+    "reason/size_outlier": "Size far from the median",
+    "reason/label_conflict": "Same image filed under several labels",
+    "reason/leakage": "Test copy of a training/pool image (leakage)",
+    "reason/duplicate": "Duplicate of another image",
+    "reason/near_duplicate": "Near-duplicate of another image",
+    "reason/near_leakage": "Test near-duplicate of a training/pool image",
+    "qc.min_side": "Minimum image side (px)",
+    "qc.max_pixels": "Maximum pixels per image",
+    "qc.min_std": "Minimum pixel standard deviation (0-255)",
+    "qc.max_aspect": "Maximum aspect ratio",
+    "qc.leakage_policy": "Test images identical to training/pool",
+    "qc.convert_modes": "Convert other colour modes to greyscale",
+    "qc.size_outlier_factor": "Size outlier factor (vs the median)",
+    "qc.size_outlier_policy": "Size outliers",
+    "qc.near_dup_hamming": "Near-duplicate pHash distance (bits)",
+    "qc.near_dup_policy": "Near-duplicates",
+    "qc.workers": "Decode processes",
+}
+
+
+def label(key: str) -> str:
+    """Words for a raw key (:data:`LABELS`); an unknown key reads as its last part in words."""
+    if key in LABELS:
+        return LABELS[key]
+    if key.startswith("input_modes/"):
+        return f"Decoded colour mode {key.split('/', 1)[1]}"
+    words = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1].replace("_", " ")
+    return words[:1].upper() + words[1:]
+
+
+def key_cell(key: str, shown: str | None = None):
+    """A table cell: the words for ``key`` and the raw key (``shown``, default ``key``)."""
+    return labelled_key(label(key), shown or key)
 
 
 class _Thumbs:
@@ -54,16 +140,18 @@ class _Thumbs:
 
 def _status(row) -> str:
     if pd.notna(row["reason"]):
-        return f'<span class="reason">{escape(str(row["reason"]))}</span>'
+        why = str(row["reason"])
+        return (f'<span class="reason" title="{escape(why)}">{escape(label("reason/" + why))}</span> '
+                f'<code class="key">{escape(why)}</code>')
     return '<span class="kept">kept</span>'
 
 
 def _card(th: _Thumbs, idx: int, extra: str = "") -> str:
     row = th.frame.loc[idx]
-    label = row["label"] if pd.notna(row["label"]) else "-"
+    cls = row["label"] if pd.notna(row["label"]) else "-"
     return (f'<div class="card">{th.html(idx)}{_status(row)} {extra}<br>'
-            f'{escape(str(row["split"]))} / {escape(str(label))}<br>'
-            f'<span class="muted">{escape(str(row["path"]))}</span></div>')
+            f'{escape(str(row["split"]))} / {escape(str(cls))}<br>'
+            f'<span class="muted path">{escape(str(row["path"]))}</span></div>')
 
 
 def _round_robin(frame: pd.DataFrame, key: str) -> list[int]:
@@ -86,12 +174,13 @@ def _head(title: str) -> list[str]:
 
 def _summary(s: dict, params: dict) -> list[str]:
     h = ['<h2 id="summary">Summary</h2>',
-         table(["metric", "value"], [[k, s[k]] for k in SUMMARY_KEYS if k in s]),
+         table(["metric", "value"], [[key_cell(k), s[k]] for k in SUMMARY_KEYS if k in s]),
          f'<p class="muted">Invariant: {s["n_images"]} images in = {s["n_passed"]} passed + '
          f'{s["n_quarantined"]} quarantined.</p>']
     if params:
         h.append("<details><summary>QC parameters</summary>"
-                 + table(["qc.*", "value"], [[k, v] for k, v in params.items()]) + "</details>")
+                 + table(["parameter", "value"], [[key_cell(f"qc.{k}"), v] for k, v in params.items()])
+                 + "</details>")
     return h
 
 
@@ -109,16 +198,16 @@ def _splits(df: pd.DataFrame) -> list[str]:
 
 def _reasons_and_notes(df: pd.DataFrame, s: dict) -> list[str]:
     rc = df["reason"].dropna().value_counts().sort_index()
-    nk = [[k.split("/", 1)[1], v] for k, v in s.items() if k.startswith("notes/") and v]
-    nk += [[f"decoded mode {k.split('/', 1)[1]}", v] for k, v in s.items() if k.startswith("input_modes/")]
+    nk = [[key_cell(k), v] for k, v in s.items() if k.startswith("notes/") and v]
+    nk += [[key_cell(k), v] for k, v in s.items() if k.startswith("input_modes/")]
     h = ['<h2 id="reasons">Quarantine reasons</h2>',
-         table(["reason", "images"], [[k, int(v)] for k, v in rc.items()])
+         table(["reason", "images"], [[key_cell(f"reason/{k}", k), int(v)] for k, v in rc.items()])
          if len(rc) else "<p>Nothing quarantined.</p>",
          '<h2 id="notes">Notes on kept images</h2>',
          table(["note", "images"], nk) if nk else "<p>No notes.</p>"]
     size_keys = [k for k in s if k.startswith("size/")]
     if size_keys:
-        h.append(table(["image size", "value"], [[k.split("/", 1)[1], s[k]] for k in size_keys]))
+        h.append(table(["image size", "value"], [[key_cell(k), s[k]] for k in size_keys]))
     return h
 
 
@@ -128,18 +217,19 @@ def _flagged(df: pd.DataFrame, th: _Thumbs, max_thumbs: int) -> list[str]:
     order = _round_robin(quar, "reason")
     shown = order[:max_thumbs]
     h = [f'<h2 id="quarantined">Quarantined images ({len(quar)})</h2>',
-         grid(_card(th, i, f'<br>{escape(str(df.at[i, "detail"]))}') for i in shown)]
+         grid(_card(th, i, f'<br><span class="path">{escape(str(df.at[i, "detail"]))}</span>') for i in shown)]
     if len(order) > len(shown):
-        h.append(f'<p class="muted">{len(order) - len(shown)} more quarantined images not shown '
+        h.append(f'<p class="muted">{plural(len(order) - len(shown), "more quarantined image")} not shown '
                  f'(see data/qc/quarantine.csv).</p>')
     noted = df[df["reason"].isna() & df["qc_note"].notna()]
     kinds = noted["qc_note"].str.split(";").str[0].str.split(":").str[0].str.slice(0, 24)
     order = _round_robin(noted.assign(_kind=kinds), "_kind")
     shown = order[:max_thumbs]
     h += [f'<h2 id="noted">Kept with a note ({len(noted)})</h2>',
-          grid(_card(th, i, f'<br>{escape(str(df.at[i, "qc_note"]))}') for i in shown)]
+          grid(_card(th, i, f'<br><span class="path">{escape(str(df.at[i, "qc_note"]))}</span>')
+               for i in shown)]
     if len(order) > len(shown):
-        h.append(f'<p class="muted">{len(order) - len(shown)} more noted images not shown '
+        h.append(f'<p class="muted">{plural(len(order) - len(shown), "more noted image")} not shown '
                  f'(the qc_note column of data/qc/manifest_clean.parquet has them all).</p>')
     return h
 
@@ -172,7 +262,7 @@ def _duplicate_groups(report: QCReport, th: _Thumbs, kind: str, heading: str,
     rest = [g for g in groups if g not in spans]
     h += [_group(report, th, kind, g, g in spans) for g in (spans + rest)[:max_groups]]
     if len(groups) > max_groups:
-        h.append(f'<p class="muted">{len(groups) - max_groups} more groups not shown.</p>')
+        h.append(f'<p class="muted">{plural(len(groups) - max_groups, "more group")} not shown.</p>')
     return h
 
 

@@ -1,21 +1,77 @@
 """Error analysis page (``reports/errors.html``) and model card (``reports/model_card.md``).
 
 Both are regenerated on every run from the pipeline's own outputs, so they cannot drift
-from the metrics. Deterministic (no timestamps) so DVC hashes stay stable.
+from the metrics. Deterministic (no timestamps, hosts or commits) so DVC hashes stay
+stable: the card's version is the sha256 of the model files, the package version and the
+embedding fingerprint, and it tells the reader how to get the commit and date from git.
+Scores are set beside their threshold with :func:`triage.pages.fmt_scores`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from html import escape
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .canonical import snap
-from .pages import PAGE_END, page_head, thumbnail_html
+from .pages import (
+    BASE_CSS,
+    PAGE_END,
+    THUMB_PX,
+    fmt_score,
+    fmt_scores,
+    page_head,
+    plural,
+    score_vs_threshold,
+    thumbnail_html,
+)
 
 MAX_ERRORS = 60       # error cards shown per kind (FN, FP); the parquet keeps them all
 N_NEIGHBOURS = 3
+# Neighbours are shown as large as the error itself (a 48 px copy is too small to judge);
+# the card is as wide as the three of them side by side.
+ERRORS_CSS = BASE_CSS + f"""
+.card.err{{width:{N_NEIGHBOURS * THUMB_PX + (N_NEIGHBOURS - 1) * 6}px}}
+.nbs{{display:flex;gap:6px}}.nb{{text-align:center;font-size:.9em}}
+.legend{{border:1px solid #ddd;padding:6px 12px;font-size:.9em}}
+"""
+CLUSTER_METHODS = {"kmeans": "k-means", "gmm": "a Gaussian mixture", "hdbscan": "HDBSCAN"}
+COMMIT_AND_DATE = "git log -1 --format='%h %cI' -- dvc.lock"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The clusters of stage ``cluster`` as the pages name them: groups of visually similar
+    images (by embedding), never a diagnosis or a class. ``n``: groups found (noise, -1,
+    is not one); ``method``: cluster.method."""
+
+    n: int | None = None
+    method: str | None = None
+
+    def name(self, cluster) -> str:
+        """``"similar-image group 4 of 12"`` (``"in no similar-image group"`` for noise)."""
+        if cluster is None or pd.isna(cluster):
+            return "similar-image group: —"
+        c = int(cluster)
+        if c < 0:
+            return "in no similar-image group (outlier)"
+        return f"similar-image group {c}" + (f" of {self.n}" if self.n else "")
+
+    def how(self) -> str:
+        """How the groups were made, for a legend: method, count, what they mean."""
+        by = CLUSTER_METHODS.get(self.method or "", self.method or "clustering")
+        n = f"{self.n} " if self.n else ""
+        numbered = f", numbered 0 to {self.n - 1}" if self.n else ""
+        return (f"the images were sorted into {n}groups of visually similar images{numbered} by "
+                f"{by} on their embeddings (stage <code>cluster</code>, "
+                f"<code>data/cluster/assignments.parquet</code>); images in one group look alike "
+                f"to the model. A group is not a diagnosis or a class: several errors in one "
+                f"group point to a kind of image the model handles badly.")
 
 
 def nearest_labelled(X_query: np.ndarray, X_labelled: np.ndarray, k: int = N_NEIGHBOURS) -> np.ndarray:
@@ -59,25 +115,27 @@ def error_table(pred: pd.DataFrame, rows: pd.DataFrame, X: np.ndarray, clusters:
     return err.reset_index(drop=True)
 
 
-def _error_card(r, kind: str, positive: str) -> str:
-    """One error: its thumbnail, probability, truth, cluster, path and labelled neighbours."""
-    nbrs = "".join(f"<div class='nb'>{thumbnail_html(p, 48, sized=True)}<span>{escape(str(lbl))}</span></div>"
-                   for p, lbl in r["neighbours"])
-    cluster = "—" if pd.isna(r["cluster"]) else int(r["cluster"])
-    return (f"<div class='card err' data-kind='{kind}'>{thumbnail_html(r['path'], 96, sized=True)}"
-            f"<div><b>P({escape(positive)}) = {r['proba']:.3f}</b></div>"
-            f"<div>truth: {escape(str(r['label']))}; cluster {cluster}</div>"
-            f"<div class='muted'>{escape(str(r['path']))}</div>"
-            f"<div class='muted'>nearest labelled:</div><div class='nbs'>{nbrs}</div></div>")
+def _error_card(r, kind: str, positive: str, negative: str, threshold: float,
+                groups: Groups) -> str:
+    """One error: its thumbnail, score against the threshold, truth, similar-image group,
+    path and labelled neighbours (each as large as the error)."""
+    nbrs = "".join(f"<div class='nb'>{thumbnail_html(p, THUMB_PX, sized=True)}"
+                   f"<span>{escape(str(lbl))}</span></div>" for p, lbl in r["neighbours"])
+    return (f"<div class='card err' data-kind='{kind}'>{thumbnail_html(r['path'], THUMB_PX, sized=True)}"
+            f"<div><b>{escape(score_vs_threshold(r['proba'], threshold, positive, negative))}</b></div>"
+            f"<div>truth: {escape(str(r['label']))}; {escape(groups.name(r['cluster']))}</div>"
+            f"<div class='muted path'>{escape(str(r['path']))}</div>"
+            f"<div class='muted'>nearest labelled images:</div><div class='nbs'>{nbrs}</div></div>")
 
 
 def _model_errors(model: str, err: pd.DataFrame, threshold: float, positive: str,
-                  max_errors: int) -> list[str]:
+                  max_errors: int, negative: str, groups: Groups) -> list[str]:
     """One model's section: false negatives, then false positives, at most max_errors each."""
     n_fn = int((err["kind"] == "false negative").sum())
     n_fp = int((err["kind"] == "false positive").sum())
     parts = [f"<h2 id='{escape(model)}'>{escape(model)} — threshold "
-             f"{threshold:.4f}: {n_fn} false negatives, {n_fp} false positives</h2>"]
+             f"{fmt_score(threshold)}: {plural(n_fn, 'false negative')}, "
+             f"{plural(n_fp, 'false positive')}</h2>"]
     for kind in ("false negative", "false positive"):
         sub = err[err["kind"] == kind]
         parts.append(f"<h3>{kind}s ({len(sub)})</h3>")
@@ -85,7 +143,8 @@ def _model_errors(model: str, err: pd.DataFrame, threshold: float, positive: str
             parts.append("<p class='muted'>none</p>")
             continue
         parts.append("<div class='grid'>")
-        parts += [_error_card(r, kind, positive) for _, r in sub.head(max_errors).iterrows()]
+        parts += [_error_card(r, kind, positive, negative, threshold, groups)
+                  for _, r in sub.head(max_errors).iterrows()]
         parts.append("</div>")
         if len(sub) > max_errors:
             parts.append(f"<p class='muted'>{len(sub) - max_errors} more not shown "
@@ -93,18 +152,34 @@ def _model_errors(model: str, err: pd.DataFrame, threshold: float, positive: str
     return parts
 
 
+def _legend(positive: str, negative: str, groups: Groups) -> str:
+    pos, neg = escape(positive), escape(negative)
+    return ("<div class='legend'><b>How to read a card.</b><ul>"
+            f"<li><b>score</b>: the model's P({pos}) for the image, from 0 to 1. At or above the "
+            f"model's threshold the image is predicted {pos}, below it {neg}. Score and threshold "
+            f"are printed with the same significant digits, so a small score reads e.g. 0.0000312, "
+            f"never 0.000.</li>"
+            f"<li><b>similar-image group</b>: {groups.how()}</li>"
+            f"<li><b>nearest labelled images</b>: the {N_NEIGHBOURS} labelled training images "
+            f"whose embeddings are most similar (cosine), with their label.</li></ul></div>")
+
+
 def render_errors_html(errors: dict[str, pd.DataFrame], thresholds: dict[str, float],
-                       n_test: int, positive: str, max_errors: int = MAX_ERRORS) -> str:
-    """One section per model; within it false negatives first."""
-    parts = [page_head("Error analysis"),
+                       n_test: int, positive: str, max_errors: int = MAX_ERRORS, *,
+                       negative: str | None = None, groups: Groups | None = None) -> str:
+    """One section per model; within it false negatives first. ``negative``: the other
+    class's name (default "not <positive>"); ``groups``: how the clusters are named."""
+    negative = negative or f"not {positive}"
+    groups = groups or Groups()
+    parts = [page_head("Error analysis", ERRORS_CSS),
              "<h1>Error analysis on the held-out test set</h1>",
              f"<p class='warn'>Decision support for triage, not a diagnosis. Each card is an "
              f"error at the model's operating threshold; images are shown as the pipeline sees "
-             f"them (greyscale). Positive class: <b>{escape(positive)}</b>; {n_test} test "
-             f"images.</p>"]
+             f"them (greyscale). Positive class: <b>{escape(positive)}</b>; "
+             f"{plural(n_test, 'test image')}.</p>",
+             _legend(positive, negative, groups)]
     for model, err in errors.items():
-        parts += _model_errors(model, err, thresholds[model], positive, max_errors)
-    parts.append("<style>.nbs{display:flex;gap:4px}.nb{text-align:center;font-size:.9em}</style>")
+        parts += _model_errors(model, err, thresholds[model], positive, max_errors, negative, groups)
     parts.append(PAGE_END)
     return "\n".join(parts)
 
@@ -158,11 +233,129 @@ MONITORING = (
 )
 
 
+# --------------------------------------------------------------------------- versions
+@dataclass(frozen=True)
+class Versions:
+    """What identifies the result a card describes, all of it in the card's own inputs (no
+    date, host or commit: the card's bytes are hashed in dvc.lock and must be the same on
+    every machine and re-run; the commit that will hold the result does not exist yet).
+
+    ``models``: model file → first 12 hex digits of its sha256; ``missing``: model files
+    (dvc.yaml artifacts) the report stage does not depend on, so not versioned here."""
+
+    models: dict = field(default_factory=dict)
+    package: str = "unknown"
+    missing: tuple = ()
+
+
+def file_version(path, n: int = 12) -> str:
+    """First ``n`` hex digits of the sha256 of a file's bytes (``sha256sum`` gives them)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def _dep_path(d) -> str:
+    return d if isinstance(d, str) else next(iter(d))
+
+
+def model_files(dvc: dict, stage: str = "report") -> tuple[list[str], list[str]]:
+    """(model files among the stage's deps, model files it does not depend on), read from
+    dvc.yaml: a model is an ``artifacts`` entry of type model, or a ``.skops`` dep."""
+    models = [a["path"] for a in (dvc.get("artifacts") or {}).values() if a.get("type") == "model"]
+    deps = [_dep_path(d) for d in dvc["stages"][stage].get("deps", [])]
+    used = [d for d in deps if d in models or d.endswith(".skops")]
+    return used, [m for m in models if m not in used]
+
+
+def package_version(dist: str = "triage") -> str:
+    """The installed version of the project (pyproject.toml's, via importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown (package not installed: pip install -e .)"
+
+
+def read_versions(dvc_yaml="dvc.yaml", stage: str = "report") -> Versions:
+    """The :class:`Versions` of a stage from dvc.yaml and the model files on disk."""
+    used, missing = model_files(yaml.safe_load(Path(dvc_yaml).read_text()), stage)
+    return Versions({m: file_version(m) for m in used}, package_version(), tuple(missing))
+
+
+# --------------------------------------------------------------------------- model card sections
+def _pct(v: float, ref: float | None = None) -> str:
+    """A share as "91.3 %"; two decimals when one would make ``v`` read equal to ``ref``."""
+    s = f"{100 * v:.1f} %"
+    if ref is not None and v != ref and s == f"{100 * ref:.1f} %":
+        s = f"{100 * v:.2f} %"
+    return s
+
+
 def _card_title() -> list[str]:
     return ["# Model card: semi-supervised image triage classifier",
             "",
             "*Generated by `dvc repro` (stage `report`) from params.yaml and the metrics files; "
             "do not edit by hand.*"]
+
+
+def _sensitivity_status(params: dict, metrics: dict) -> list[str]:
+    """One visible line: the test sensitivity of the served model against the target."""
+    s = metrics.get("evaluate", {}).get("semi_supervised", {})
+    sens, target = s.get("sensitivity"), params["evaluate"]["target_sensitivity"]
+    if sens is None:
+        return []
+    pos = params["data"]["positive_class"]
+    fn, tp = s.get("fn"), s.get("tp")
+    if fn is not None and tp is not None:
+        missed = (f"{fn} of the {plural(fn + tp, 'test image')} of class **{pos}** "
+                  f"{'is' if fn == 1 else 'are'} missed")
+    elif fn is not None:
+        missed = f"{plural(fn, 'test image')} of class **{pos}** {'is' if fn == 1 else 'are'} missed"
+    else:
+        missed = f"some test images of class **{pos}** are missed"
+    thr = s.get("threshold")
+    at = f"at this operating point (threshold {fmt_score(thr)})" if thr is not None else "at this operating point"
+    lo, hi = s.get("sensitivity_ci_low"), s.get("sensitivity_ci_high")
+    if sens < target:
+        head = (f"> ⚠ **Sensitivity {_pct(sens, target)} on the test set is below the "
+                f"{_pct(target)} target**: {at} {missed} (false negatives).")
+        if lo is not None and hi is not None:
+            head += (f" Even the upper end of its confidence interval ({_pct(hi, target)}) is below "
+                     "the target." if hi < target else
+                     f" Its confidence interval ({_pct(lo)}–{_pct(hi)}) still includes the target: "
+                     "the shortfall may be chance on this test set, but it is not evidence that the "
+                     "target is met.")
+        return [head]
+    return [f"> Sensitivity {_pct(sens, target)} on the test set meets the {_pct(target)} target; "
+            f"{at} {missed} (false negatives)."]
+
+
+def _version(params: dict, metrics: dict, versions: Versions | None) -> list[str]:
+    v = versions or Versions()
+    missing = ", ".join(f"`{m}`" for m in v.missing)
+    if v.models:
+        lines = ["## Version",
+                 "- Model version: " + "; ".join(f"`{h}` ({Path(m).stem.replace('_', '-')}, `{m}`)"
+                                                 for m, h in v.models.items())
+                 + ": the first 12 hex digits of each file's sha256 (`sha256sum FILE`)."]
+        if missing:
+            lines.append(f"- Not versioned here (not deps of the report stage in dvc.yaml): {missing}.")
+    else:
+        lines = ["## Version",
+                 "- Model version: not recorded" + (f": {missing} are not deps of the report stage in "
+                                                    "dvc.yaml." if missing else
+                                                    " (no model file among the report stage's deps).")]
+    fp = metrics.get("embed", {}).get("fingerprint", "see metrics/embed")
+    lines += [f"- Package: `triage` {v.package}.",
+              f"- Embedding fingerprint: `{fp}` (the vectors the model was trained on and expects).",
+              f"- Commit and date of this result: run `{COMMIT_AND_DATE}` in the repository (the "
+              "commit that recorded this card's hash in dvc.lock). The card holds no date, host or "
+              "commit, so that its bytes are the same on every machine and every re-run."]
+    return lines
 
 
 def _intended_use(params: dict) -> list[str]:
@@ -172,13 +365,11 @@ def _intended_use(params: dict) -> list[str]:
         "## Intended use",
         f"- **Triage aid**: ranks images so that those likely to show **{pos}** are read first. "
         "Every image still needs a qualified human reader; the output is never a diagnosis.",
-        f"- Operating point chosen for sensitivity: the threshold reaches {target:.0%} "
+        f"- Operating point chosen for sensitivity: the threshold reaches {_pct(target)} "
         "sensitivity on out-of-fold predictions of the labelled set (never on test).",
         "- Not for: autonomous decisions, populations or devices unlike the training data, "
         "images that fail QC.",
     ]
-
-
 def _data_and_provenance(params: dict, metrics: dict) -> list[str]:
     d, p = params["data"], params["pseudo"]
     qc, ps, tr = (metrics.get(k, {}) for k in ("qc", "pseudo_label", "train"))
@@ -218,7 +409,7 @@ def _delta_text(dl: dict, key: str, pct: bool) -> str:
     return dtxt
 
 
-def _performance(metrics: dict) -> list[str]:
+def _performance(metrics: dict, pos: str) -> list[str]:
     ev = metrics.get("evaluate", {})
     b, s, dl = ev.get("baseline", {}), ev.get("semi_supervised", {}), ev.get("delta", {})
     lines = [
@@ -231,34 +422,52 @@ def _performance(metrics: dict) -> list[str]:
     ]
     lines += [f"| {name} | {_fmt_ci(b, key, pct)} | {_fmt_ci(s, key, pct)} | {_delta_text(dl, key, pct)} |"
               for name, key, pct in PERFORMANCE_ROWS]
-    lines.append(f"| false negatives | {b.get('fn', 'n/a')} | {s.get('fn', 'n/a')} | |")
-    lines.append(f"| threshold | {b.get('threshold', float('nan')):.4f} | "
-                 f"{s.get('threshold', float('nan')):.4f} | |")
+    lines.append(f"| false negatives (missed {pos}) | {b.get('fn', 'n/a')} | {s.get('fn', 'n/a')} | |")
+    thr = fmt_scores(b.get("threshold", float("nan")), s.get("threshold", float("nan")))
+    lines.append(f"| threshold (a score at or above it: predicted {pos}) | {thr[0]} | {thr[1]} | |")
     return lines
 
 
-def _failure_modes(pos: str, errors: pd.DataFrame) -> list[str]:
+def _failure_modes(pos: str, errors: pd.DataFrame, threshold: float | None,
+                   groups: Groups) -> list[str]:
     n_fn = int((errors["kind"] == "false negative").sum()) if len(errors) else 0
     fn = errors[errors["kind"] == "false negative"] if len(errors) else errors
     lines = [
         "## Known failure modes (error analysis of the semi-supervised model)",
-        f"- {n_fn} missed {pos} images on test (see `reports/errors.html`, false negatives "
+        f"- {plural(n_fn, 'missed image')} of class **{pos}** on test (false "
+        f"{'negative' if n_fn == 1 else 'negatives'}; see `reports/errors.html`, false negatives "
         "first, with their nearest labelled neighbours).",
     ]
     if n_fn:
         top = fn["cluster"].value_counts().head(3)
-        lines.append("- Missed cases concentrate in clusters " + ", ".join(
-            f"{int(c)} ({n})" for c, n in top.items()) + "; median P(" + pos +
-            f") of misses {fn['proba'].median():.3f}.")
+        where = ", ".join(f"{int(c) if c >= 0 else 'none (outliers)'} ({plural(int(n), 'image')})"
+                          for c, n in top.items())
+        of = f" of {groups.n}" if groups.n else ""
+        by = CLUSTER_METHODS.get(groups.method or "", groups.method or "clustering")
+        med = fn["proba"].median()
+        if threshold is not None:
+            m, t = fmt_scores(med, threshold)
+            score = f"median score of the missed images {m} against the threshold {t}"
+        else:
+            score = f"median score of the missed images {fmt_score(med)}"
+        lines.append(f"- The missed images fall most often in similar-image groups {where}{of} "
+                     f"(groups of visually similar images, {by} on the embeddings; not diagnostic "
+                     f"categories); {score}.")
     return lines
 
 
-def render_model_card(params: dict, metrics: dict, errors: pd.DataFrame) -> str:
-    """Markdown model card from params and the metrics files of every stage."""
-    sections = [_intended_use(params), _data_and_provenance(params, metrics),
-                _method(params, metrics), _performance(metrics),
-                _failure_modes(params["data"]["positive_class"], errors),
+def render_model_card(params: dict, metrics: dict, errors: pd.DataFrame, *,
+                      versions: Versions | None = None, groups: Groups | None = None) -> str:
+    """Markdown model card from params and the metrics files of every stage. ``versions``:
+    the model files' hashes and the package version (:func:`read_versions`); ``groups``: how
+    the clusters are named (count and method)."""
+    threshold = metrics.get("evaluate", {}).get("semi_supervised", {}).get("threshold")
+    sections = [_sensitivity_status(params, metrics), _version(params, metrics, versions),
+                _intended_use(params), _data_and_provenance(params, metrics),
+                _method(params, metrics), _performance(metrics, params["data"]["positive_class"]),
+                _failure_modes(params["data"]["positive_class"], errors, threshold, groups or Groups()),
                 LIMITATIONS, ETHICS, MONITORING]
+    sections = [sec for sec in sections if sec]
     lines = _card_title()
     for section in sections:
         lines += ["", *section]

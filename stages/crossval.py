@@ -12,6 +12,7 @@ from pathlib import Path
 from triage.crossval import crossval_semisup
 from triage.io import open_live, read_parquet, run_stage
 from triage.params import load_params
+from triage.splits import groups_for
 from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
@@ -22,6 +23,7 @@ def main() -> None:
     params = load_params()
     p, positive = params["pseudo"], params["data"]["positive_class"]
     rows, X, _ = read_embeddings(EMBEDDINGS)
+    rows["group"] = groups_for(rows["id"])  # folds keep a split group on one side
     truth = read_parquet(TRUTH, "pool truth")
     cv = params["crossval"]
     per_fold, s = crossval_semisup(rows, X, params, positive, cv["folds"], cv["repeats"],

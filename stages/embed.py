@@ -1,4 +1,5 @@
-"""Stage `embed`: ResNet18 (no last layer) → data/features/embeddings.parquet (512-d float32)."""
+"""Stage `embed`: embed.backbone (ResNet18 by default) without its classifier →
+data/features/embeddings.parquet (float32 vectors of the backbone's feature dimension)."""
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ def main() -> None:
     # Only files under data/weights/ are a declared dependency of this stage: a file
     # elsewhere could change without DVC re-running the embedding.
     check_weights_dependency(e["weights"], "embed.weights")
-    embedder = Embedder(e["weights"], seed=e["seed"], weights_sha256=e["weights_sha256"] or None,
-                        image_size=e["image_size"], batch_size=e["batch_size"],
+    embedder = Embedder(e["weights"], backbone=e["backbone"], seed=e["seed"],
+                        weights_sha256=e["weights_sha256"] or None,
+                        image_size=e["image_size"], crop=e["crop"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],
                         precision=e["precision"], kernels=e["kernels"]).fit()
     # OUT is `persist: true` in dvc.yaml: DVC leaves the previous file in place so
@@ -54,7 +56,8 @@ def main() -> None:
                RUNTIME)
     print(f"embed: {n} images ({n_new} computed, {n_reused} reused), "
           f"{n_new / max(seconds, 1e-9):.1f} img/s on {embedder.device_} "
-          f"({fingerprint['weights']}, {fingerprint['precision']})")
+          f"({fingerprint['backbone']} {embedder.feature_dim_}-d, {fingerprint['weights']}, "
+          f"{fingerprint['precision']})")
 
 
 if __name__ == "__main__":

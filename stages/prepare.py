@@ -21,7 +21,9 @@ def main() -> None:
                                     annotations=annotations,
                                     links_outside_root=data["links_outside_root"],
                                     min_per_class=minimum, min_per_class_why=why)
-    write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA)
+    # qc reads it: a test split the pipeline drew may be rearranged, a given test/ may not
+    write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA,
+                  metadata={"test_source": info["test_source"]})
     with open_live("prepare") as live:
         live.log_metric("n_files", len(manifest), plot=False)
         for split in ("labeled", "unlabeled", "test"):

@@ -8,6 +8,7 @@ from triage.errors import PipelineError
 from triage.io import open_live, read_parquet, run_stage, write_parquet
 from triage.params import load_params
 from triage.pseudo import pseudo_label_quality, run_strategy
+from triage.splits import groups_for
 from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
@@ -31,7 +32,7 @@ def main() -> None:
         raise PipelineError(f"pseudo_label needs labelled images of two classes including "
                             f"'{positive}', got {sorted(set(y_lab))}")
     pseudo = run_strategy(p, positive, rows.loc[pool, "id"].to_numpy(dtype=object), X[pool],
-                          X[lab], y_lab, cl[pool], cl[lab])
+                          X[lab], y_lab, cl[pool], cl[lab], groups_for(rows.loc[lab, "id"]))
     write_parquet(pseudo, OUT)
 
     classes = sorted(set(y_lab))

@@ -6,7 +6,7 @@ Logs counts only: image paths belong in the CSV and the HTML, not in logs.
 import logging
 from pathlib import Path
 
-from triage.io import open_live, read_parquet, run_stage, write_csv, write_parquet
+from triage.io import open_live, read_metadata, read_parquet, run_stage, write_csv, write_parquet
 from triage.params import load_params
 from triage.qc import run_qc
 from triage.qc_report import write_html
@@ -23,7 +23,7 @@ def main() -> None:
     q = load_params()["qc"]
     manifest = read_parquet(MANIFEST, "manifest")
     log.info("qc: %d images to check", len(manifest))
-    report = run_qc(manifest, **q)
+    report = run_qc(manifest, **q, test_source=read_metadata(MANIFEST).get("test_source", "folder"))
     write_parquet(report.clean, CLEAN)
     write_csv(report.quarantine, QUARANTINE)
     write_html(report, REPORT)

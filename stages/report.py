@@ -5,6 +5,7 @@ dvc.yaml (never a date, host or commit: the outputs are hashed in dvc.lock)."""
 import json
 from pathlib import Path
 
+from triage.audit import read_review
 from triage.io import atomic_path, read_parquet, run_stage
 from triage.params import load_params
 from triage.report import Groups, error_table, read_versions, render_errors_html, render_model_card
@@ -14,6 +15,7 @@ EMBEDDINGS = Path("data/features/embeddings.parquet")
 CLEAN = Path("data/qc/manifest_clean.parquet")
 ASSIGNMENTS = Path("data/cluster/assignments.parquet")
 PREDICTIONS = Path("data/evaluate/test_predictions.parquet")
+REVIEW = Path("data/annotation/to_review.csv")  # stage audit
 METRICS = ("evaluate", "qc", "pseudo_label", "train", "embed")
 ERRORS_HTML = Path("reports/errors.html")
 MODEL_CARD = Path("reports/model_card.md")
@@ -41,14 +43,18 @@ def main() -> None:
         import yaml
 
         metrics["embed"].update(yaml.safe_load(embed_params.read_text()) or {})
+    metrics["embed"]["feature_dim"] = int(X.shape[1])  # the backbone's, read from the data
     thresholds = {m: metrics["evaluate"][m]["threshold"] for m in ("semi_supervised", "baseline")}
     errors = {m: error_table(preds[preds["model"] == m], rows, X, clusters, positive, thr)
               for m, thr in thresholds.items()}
     groups = Groups(n=int(clusters[clusters >= 0].nunique()),
                     method=params.get("cluster", {}).get("method"))
     negative = negative_class(rows["label"], positive)
+    review = read_review(REVIEW)
+    # the manifest's path (the CSV's is written spreadsheet-safe), the CSV's if it has none
+    review["path"] = review["id"].map(paths).fillna(review["path"])
     html = render_errors_html(errors, thresholds, metrics["evaluate"]["n_test"], positive,
-                              negative=negative, groups=groups)
+                              negative=negative, groups=groups, review=review)
     with atomic_path(ERRORS_HTML) as tmp:
         tmp.write_text(html, encoding="utf-8")
     card = render_model_card(params, metrics, errors["semi_supervised"],

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from triage.crossval import fold_pseudo_labels
+from triage.crossval import fold_pseudo_labels, pool_outside
 from triage.io import open_live, read_parquet, run_stage, write_parquet
 from triage.metrics import point_metrics, threshold_for_sensitivity
 from triage.models import (
@@ -21,6 +21,7 @@ from triage.models import (
     save_model,
 )
 from triage.params import load_params
+from triage.splits import groups_for
 from triage.store import read_embeddings
 
 EMBEDDINGS = Path("data/features/embeddings.parquet")
@@ -55,14 +56,22 @@ def main() -> None:
     pool = (rows["split"] == "unlabeled").to_numpy()
     ids_pool, X_pool = rows.loc[pool, "id"].to_numpy(dtype=object), X[pool]
 
+    # Folds keep each split group (near-duplicates, one patient) on one side (triage.splits).
+    groups = groups_for(rows["id"])
+    groups_lab, groups_pool = groups[lab], groups[pool]
+
     def pseudo_for_fold(tr):
-        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)
+        held_out = np.setdiff1d(np.arange(len(y_lab)), tr)
+        keep = pool_outside(groups_pool, groups_lab[held_out])
+        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool[keep],
+                                  X_pool[keep], groups_lab[tr])
         return fold.X, fold.y, fold.weights
 
     oof = {
-        "baseline": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"], t["seed"]),
+        "baseline": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"], t["seed"],
+                                      groups=groups_lab),
         "semi_supervised": out_of_fold_proba(pipe, X_lab, y_lab, positive, t["cv_folds"],
-                                             t["seed"], pseudo_for_fold),
+                                             t["seed"], pseudo_for_fold, groups=groups_lab),
     }
     y_bin = (y_lab == positive).astype(int)
     oof_rows = []

@@ -131,10 +131,10 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_other_architecture_is_refused(tmp_path):
     torch.save(resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(WeightsError, match="ResNet18"):
+    with pytest.raises(WeightsError, match="resnet18"):
         build_backbone(str(tmp_path / "r34.pth"))
     torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(WeightsError, match="not a ResNet18"):
+    with pytest.raises(WeightsError, match="not a resnet18"):
         build_backbone(str(tmp_path / "other.pth"))
 
 

@@ -351,6 +351,10 @@ def _evaluate_workspace(tmp: Path) -> Path:
     for name in ("baseline", "semi_supervised"):
         save_model({"model": model, "name": name, "threshold": 0.5,
                     "embedding_fingerprint": "abc"}, ws / f"data/models/{name}.skops")
+    # train's out-of-fold scores: evaluate sets the triage KPI thresholds on them
+    pd.DataFrame({"id": ids[:20] * 2, "model": ["baseline"] * 20 + ["semi_supervised"] * 20,
+                  "label": label[:20] * 2, "proba": np.tile(rng.random(20), 2)}
+                 ).to_parquet(ws / "data/models/oof_predictions.parquet")
     return ws
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import imagefactory as F
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from helpers import TINY, clone_repo, e2e_env, make_repo, run, set_params
@@ -45,6 +46,18 @@ def test_full_run_produces_metric_contract(demo_repo):
             assert m in metrics[model], f"{model}.{m} missing"
         for m in ("roc_auc", "sensitivity", "specificity"):
             assert metrics[model][f"{m}_ci_low"] <= metrics[model][m] <= metrics[model][f"{m}_ci_high"]
+        # the triage KPI: <model>.triage.s90|s95|s98.{sensitivity,set_aside,missed} (+CI), threshold
+        triage = metrics[model]["triage"]
+        assert set(triage) == {"s90", "s95", "s98"}, model
+        for key, block in triage.items():
+            assert set(block) == {"threshold"} | {f"{k}{s}" for k in ("sensitivity", "set_aside", "missed")
+                                                  for s in ("", "_ci_low", "_ci_high")}, (model, key)
+            for k in ("sensitivity", "set_aside", "missed"):
+                assert block[f"{k}_ci_low"] <= block[k] <= block[f"{k}_ci_high"], (model, key, k)
+            assert 0 <= block["missed"] <= metrics[model]["tp"] + metrics[model]["fn"]
+        assert triage["s95"]["threshold"] == metrics[model]["threshold"]  # the operating point
+        assert triage["s95"]["missed"] == metrics[model]["fn"]
+        assert triage["s90"]["threshold"] >= triage["s95"]["threshold"] >= triage["s98"]["threshold"]
     for m in METRIC_NAMES:
         assert m in metrics["delta"]
     assert metrics["n_test"] == TINY["data.demo.n_test"]
@@ -96,7 +109,7 @@ def test_train_param_change_reruns_only_downstream_and_review_shows_it(demo_repo
     # The stages that read train.* (crossval, train, report) and those that read the new
     # models or their metrics (evaluate, select, drift, summary); nothing upstream of train.
     assert sorted(ran_stages(out.stdout)) == sorted(["crossval", "train", "evaluate", "report",
-                                                     "select", "drift", "summary"])
+                                                     "select", "drift", "summary", "audit"])
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "C=0.5"], repo, env)
 
@@ -155,6 +168,9 @@ def test_folder_mode_versioned_as_documented_quarantines_bad_files(tmp_path):
     data = buf.with_suffix(".jpg").read_bytes()
     (raw / "unlabeled/broken.jpg").write_bytes(data[: len(data) // 2])  # truncated transfer
     F.write_non_utf8_name(raw / "unlabeled", stem=b"scan_\xff")  # DVC cannot hash this name
+    for i in range(2):  # a labelled image re-encoded larger into test: near-duplicate leakage
+        src = F.write_smooth(raw / "labeled" / "cancer" / f"smooth{i}.png", seed=9100 + i)
+        F.write_upscaled_copy(src, raw / "test" / "cancer" / f"copy{i}.png")
     assert good.exists()
     (repo / "data/weights/resnet18-f37072fd.pth").write_bytes(b"stand-in weights")
     set_params(repo, {"data.source": "folder", "cluster.k": 3})
@@ -175,8 +191,16 @@ def test_folder_mode_versioned_as_documented_quarantines_bad_files(tmp_path):
     quarantine = (repo / "data/qc/quarantine.csv").read_text()
     assert "data/raw/unlabeled/broken.jpg,decode_error" in quarantine
     assert "data/raw/unlabeled/scan_\\xff.png,non_utf8_filename" in quarantine
+    for i in range(2):
+        assert f"data/raw/test/cancer/copy{i}.png,near_leakage" in quarantine
     qc = json.loads((repo / "metrics/qc/metrics.json").read_text())
-    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 24 + 6 + 30 + 3
+    assert qc["n_images"] == qc["n_passed"] + qc["n_quarantined"] == 26 + 8 + 30 + 3
+    assert qc["near_leaked_test_images"] == qc["near_leaked_test_dropped"] == 2
+    clean = pd.read_parquet(repo / "data/qc/manifest_clean.parquet")
+    test_groups = set(clean.loc[clean["split"] == "test", "group"])
+    assert test_groups.isdisjoint(clean.loc[clean["split"] != "test", "group"])
+    n_test = json.loads((repo / "metrics/evaluate/metrics.json").read_text())["n_test"]
+    assert n_test == 6  # the near-copies are not scored
     assert qc["reason"]["decode_error"] == 1 and qc["reason"]["non_utf8_filename"] == 1
 
 

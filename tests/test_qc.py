@@ -534,11 +534,54 @@ def test_near_leakage_fail_raises_when_quarantining(near):
         run_qc(manifest, **{**QC, "leakage_policy": "fail", "near_dup_policy": "quarantine"})
 
 
-def test_near_leakage_is_only_reported_by_default(near):
+@pytest.mark.parametrize("leakage_policy,near_dup_policy,reason,note", [
+    # a near-copy of a training image in a given test/ is leakage like an exact copy,
+    # whatever near_dup_policy says (report used to keep it in test with a note)
+    ("drop_test", "report", "near_leakage", None),
+    ("drop_test", "quarantine", "near_leakage", None),
+    ("keep", "report", None, "possible leakage kept"),
+])
+def test_near_leakage_follows_the_leakage_policy(near, leakage_policy, near_dup_policy, reason,
+                                                  note):
     t = write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
-    _, r = qc(near["root"], leakage_policy="fail")  # report: near matches never fail a run
-    assert reason_of(r, t) is None and "possible leakage" in note_of(r, t)
+    _, r = qc(near["root"], leakage_policy=leakage_policy, near_dup_policy=near_dup_policy)
+    assert reason_of(r, t) == reason
+    assert note is None or note in note_of(r, t)
     assert r.stats["near_leaked_test_images"] == 1 and r.stats["leaked_test_images"] == 0
+    assert r.stats["near_leaked_test_dropped"] == int(reason == "near_leakage")
+    assert t.as_posix() not in set(r.clean.loc[r.clean["split"] == "test", "path"]) or \
+        leakage_policy == "keep"
+
+
+def test_near_leakage_with_leakage_policy_fail_stops(near):
+    write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
+    with pytest.raises(DataError, match="near-duplicate"):
+        qc(near["root"], leakage_policy="fail")
+
+
+def test_a_test_split_the_pipeline_drew_keeps_a_near_duplicate_group_on_one_side(near):
+    # test_source=split: the test image is moved to the labelled side (not dropped), so
+    # its group stays whole and the image still trains
+    t = write_upscaled_copy(near["lab"], near["root"] / "test" / "cancer" / "t_copy.png")
+    manifest, _ = build_manifest(near["root"], "cancer", 0.25, 0)
+    r = run_qc(manifest, **QC, test_source="split")
+    assert reason_of(r, t) is None
+    row = r.clean.set_index("path").loc[t.as_posix()]
+    assert row["split"] == "labeled" and row["label"] == "cancer"
+    assert "moved from the test split to labeled" in row["qc_note"]
+    assert r.stats["near_moved_to_labeled"] == 1 and r.stats["notes/moved_to_labeled"] == 1
+    lab = r.clean.set_index("path").loc[near["lab"].as_posix()]
+    assert row["group"] == lab["group"]  # one split group: folds keep them together
+
+
+def test_split_groups_join_near_duplicates_and_patients_transitively():
+    from triage.qc import split_groups
+
+    df = pd.DataFrame({"id": ["e", "b", "d", "a", "c"],
+                       "patient": ["p1", None, "p1", None, None]})
+    groups = split_groups(df, [[0, 1]])  # e~b near-duplicates; e and d one patient
+    assert groups.tolist() == ["b", "b", "b", "a", "c"]
+    assert split_groups(df.drop(columns="patient"), []).tolist() == df["id"].tolist()
 
 
 def test_near_duplicate_under_another_label_is_a_conflict(near):

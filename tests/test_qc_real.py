@@ -85,8 +85,8 @@ def yes_no(in_tmp):
     if not ds.is_dir():
         pytest.skip(f"shared dataset absent: {ds}")
     root = build_yes_no_layout(ds, Path("yn/raw"))
-    manifest, _ = build_manifest(root, "cancer", 0.25, 0)  # seeded stratified test split
-    report = run_qc(manifest, **QC)
+    manifest, info = build_manifest(root, "cancer", 0.25, 0)  # seeded stratified test split
+    report = run_qc(manifest, **QC, test_source=info["test_source"])  # as the qc stage does
     check_invariant(manifest, report)
     return ds, manifest, report
 
@@ -103,6 +103,9 @@ def test_yes_no_all_253_images_decode_and_the_25_duplicates_are_found(yes_no):
     assert s.get("reason/duplicate", 0) + s.get("reason/leakage", 0) == 25
     assert s.get("reason/label_conflict", 0) == 0
     assert s["n_quarantined"] == 25 and s["n_passed"] == 228
+    # near-copies the seeded split put in test are moved back to labelled, not dropped
+    assert s["near_moved_to_labeled"] == s["near_leaked_test_images"]
+    assert s["near_leaked_test_dropped"] == 0
     # the quarantined copies are exactly the non-first members of the reference groups
     q = {Path(p).name for p in r.quarantine["path"]}
     ref = {Path(p).name for g in groups for p in g}
@@ -166,12 +169,17 @@ def test_4class_cross_split_copies_are_leakage_and_dropped(four_class):
     assert s["reason/leakage"] == test_copies
     assert s["exact_duplicate_groups"] == 300
     assert s["n_images"] - len(manifest["id"].unique()) == s["n_quarantined"] - s.get(
-        "reason/near_duplicate", 0)  # every byte-copy beyond the first is quarantined
+        "reason/near_duplicate", 0) - s.get("reason/near_leakage", 0)  # every byte-copy
+    # beyond the first is quarantined
     leaked = r.quarantine[r.quarantine["reason"] == "leakage"]
     assert leaked["path"].str.startswith("fc/raw/test/").all()
     assert leaked["detail"].str.contains("fc/raw/(?:labeled|unlabeled)/", regex=True).all()
-    # near duplicates (re-encoded / re-windowed copies) are reported, not dropped (default)
+    # near duplicates (re-encoded / re-windowed copies) are reported, not dropped (default),
+    # except test near-copies of training images: leakage, dropped like exact copies
     assert s["near_duplicate_groups"] > 0 and s["near_leaked_test_images"] > 0
+    assert s["reason/near_leakage"] == s["near_leaked_test_dropped"] == s["near_leaked_test_images"]
+    near = r.quarantine[r.quarantine["reason"] == "near_leakage"]
+    assert near["path"].str.startswith("fc/raw/test/").all()
 
 
 def test_4class_leakage_policy_keep_reports_but_keeps(four_class):

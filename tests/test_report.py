@@ -302,3 +302,80 @@ def test_report_stage_depends_on_the_model_files_its_card_versions(repo_root):
     used, missing = model_files(dvc, "report")
     assert "data/models/semi_supervised.skops" in used and not missing, \
         "add data/models/semi_supervised.skops and data/models/baseline.skops to the report stage's deps"
+
+
+# --------------------------------------------------------------------------- card: triage KPI
+def _triage_block(thr, sens, aside, missed, n_pos=150) -> dict:
+    return {"threshold": thr, "sensitivity": sens, "sensitivity_ci_low": sens - 0.05,
+            "sensitivity_ci_high": min(sens + 0.03, 1.0), "set_aside": aside,
+            "set_aside_ci_low": aside - 0.04, "set_aside_ci_high": aside + 0.05,
+            "missed": missed, "missed_ci_low": max(missed - 5.3, 0.0), "missed_ci_high": missed + 8.4}
+
+
+TRIAGE = {"s90": _triage_block(0.0982, 0.893, 0.277, 16), "s95": _triage_block(0.0579, 0.96, 0.23, 4),
+          "s98": _triage_block(0.0400, 0.993, 0.197, 1)}
+
+
+def _triage_metrics(models=("baseline", "semi_supervised")) -> dict:
+    metrics = _card_metrics(0.96, 6, 144)
+    for m in models:
+        metrics["evaluate"].setdefault(m, dict(metrics["evaluate"]["semi_supervised"]))
+        metrics["evaluate"][m]["triage"] = TRIAGE
+    return metrics
+
+
+# model, target, threshold, sensitivity, set aside, missed: the table rows the card shows
+TRIAGE_ROWS = [
+    ("semi-supervised", "0.90", "0.0982", "89.3 % [84.3–92.3 %]", "27.7 % [23.7–32.7 %]", "16 [10.7–24.4]"),
+    ("semi-supervised", "0.95", "0.0579", "96.0 % [91.0–99.0 %]", "23.0 % [19.0–28.0 %]", "4 [0.0–12.4]"),
+    ("semi-supervised", "0.98", "0.0400", "99.3 % [94.3–100.0 %]", "19.7 % [15.7–24.7 %]", "1 [0.0–9.4]"),
+    ("baseline", "0.95", "0.0579", "96.0 % [91.0–99.0 %]", "23.0 % [19.0–28.0 %]", "4 [0.0–12.4]"),
+]
+
+
+@pytest.mark.parametrize("row", TRIAGE_ROWS)
+def test_card_has_the_triage_table_at_three_targets(scene, repo_root, row):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    card = render_model_card(_params(repo_root), _triage_metrics(), err)
+    assert "## Triage at three sensitivity targets" in card
+    section = card.split("## Triage at three sensitivity targets")[1].split("\n## ")[0]
+    assert ("| model | target | threshold | test sensitivity [CI] | set aside [CI] | "
+            "missed positives (cancer) [CI] |") in section
+    assert "| " + " | ".join(row) + " |" in section
+    assert sum(line.startswith(("| semi-supervised |", "| baseline |"))
+               for line in section.splitlines()) == 6
+    # after the performance table, before the failure modes
+    assert card.index("## Performance") < card.index("## Triage") < card.index("## Known failure")
+    assert "out-of-fold" in section and "never on test" in section
+
+
+@pytest.mark.parametrize("line", [
+    "- At the 0.90 target a reader could set aside 27.7 % of images (CI 23.7–32.7 %) and would "
+    "miss 16 cancers (CI 10.7–24.4); test sensitivity 89.3 %, below the target.",
+    "- At the 0.95 target a reader could set aside 23.0 % of images (CI 19.0–28.0 %) and would "
+    "miss 4 cancers (CI 0.0–12.4); test sensitivity 96.0 %.",
+    "- At the 0.98 target a reader could set aside 19.7 % of images (CI 15.7–24.7 %) and would "
+    "miss 1 cancer (CI 0.0–9.4); test sensitivity 99.3 %.",
+])
+def test_card_says_plainly_what_a_reader_could_set_aside_and_miss(scene, repo_root, line):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    card = render_model_card(_params(repo_root), _triage_metrics(), err)
+    assert line in card.splitlines()
+    assert "The semi-supervised model:" in card
+    assert "prevalence (150 images of class cancer among 300, 50.0 %)" in card
+
+
+def test_card_triage_table_adds_finetuned_and_is_absent_without_the_metrics(scene, repo_root):
+    rows, X, pred, clusters = scene
+    err = error_table(pred, rows, X, clusters, "cancer", threshold=0.5)
+    card = render_model_card(_params(repo_root),
+                             _triage_metrics(("baseline", "semi_supervised", "finetuned")), err)
+    assert "| finetuned | 0.98 | 0.0400 |" in card
+    assert "## Triage" not in render_model_card(_params(repo_root), _card_metrics(0.96, 6, 144), err)
+    # two targets: the heading counts them
+    two = _triage_metrics()
+    for m in ("baseline", "semi_supervised"):
+        two["evaluate"][m]["triage"] = {k: TRIAGE[k] for k in ("s90", "s95")}
+    assert "## Triage at two sensitivity targets" in render_model_card(_params(repo_root), two, err)

@@ -143,6 +143,8 @@ def model_info(predictor: Predictor, model_path: Path, version: dict, metrics: d
         "target_sensitivity": predictor.bundle.get("target_sensitivity"),
         "review_margin": predictor.review_margin,
         "embedding_fingerprint": predictor.bundle["embedding_fingerprint"],
+        "embedding_backbone": getattr(predictor.embedder, "backbone", None),
+        "embedding_dim": getattr(predictor.embedder, "feature_dim_", None),
         "max_upload_bytes": max_bytes,
         "operating_point": {k: metrics[k] for k in OPERATING_KEYS if k in metrics},
         "operating_point_ci": {k: metrics[k] for k in sorted(metrics)

@@ -21,21 +21,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold
 
 from .models import fit_semi_supervised, fit_weighted, make_classifier, positive_proba, pseudo_weights
 from .progress import progress
 from .pseudo import labeller_for, pseudo_label_quality, run_strategy
+from .splits import repeated_kfold
 
 
-def fold_splits(y: np.ndarray, folds: int, repeats: int, seed: int):
+def fold_splits(y: np.ndarray, folds: int, repeats: int, seed: int, groups=None):
     """(train index, held-out index) pairs of a repeated stratified K-fold (clamped so each
-    class has at least one point per fold)."""
-    y = np.asarray(y)
-    n_min = int(np.unique(y, return_counts=True)[1].min())
-    folds = max(2, min(folds, n_min))
-    rskf = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
-    return list(rskf.split(np.zeros(len(y)), y)), folds
+    class has at least one point per fold) that keeps each split group on one side."""
+    return repeated_kfold(y, folds, repeats, seed, groups)
 
 
 def mean_ci(values, level: float = 0.95, test_train_ratio: float | None = None) -> dict:
@@ -73,8 +69,17 @@ class FoldPseudoLabels:
     weights: np.ndarray
 
 
+def pool_outside(groups_pool, held_out_groups) -> np.ndarray | slice:
+    """Pool rows a fold may use: none in a split group of a held-out labelled image (a
+    near-copy of it would carry it into training as a pseudo-label). ``slice(None)``: all."""
+    if groups_pool is None or held_out_groups is None:
+        return slice(None)
+    return ~np.isin(np.asarray(groups_pool, dtype=object), np.asarray(held_out_groups, dtype=object))
+
+
 def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np.ndarray,
-                       ids_pool: np.ndarray, X_pool: np.ndarray) -> FoldPseudoLabels:
+                       ids_pool: np.ndarray, X_pool: np.ndarray,
+                       groups_lab=None) -> FoldPseudoLabels:
     """Pseudo-labels made from these labels + the pool only: the clusterer (when the
     strategy or HDBSCAN noise needs clusters) and the pseudo-labeller are refitted here.
 
@@ -87,7 +92,7 @@ def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np
         model = cluster_for_fold(params["cluster"], np.concatenate([X_lab, X_pool]))
         lab_clusters, pool_clusters = model.labels_[: len(X_lab)], model.labels_[len(X_lab):]
     pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, pool_clusters,
-                          lab_clusters)
+                          lab_clusters, groups_lab)
     where = pd.Series(np.arange(len(ids_pool)), index=ids_pool)
     X_ps = X_pool[where.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X_pool[:0]
     w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],
@@ -109,13 +114,18 @@ def crossval_semisup(rows: pd.DataFrame, X: np.ndarray, params: dict, positive: 
     X_lab, y_lab = X[lab], rows.loc[lab, "label"].to_numpy(dtype=object)
     ids_lab = rows.loc[lab, "id"].to_numpy(dtype=object)
     X_pool, ids_pool = X[pool], rows.loc[pool, "id"].to_numpy(dtype=object)
+    groups = rows["group"].to_numpy(dtype=object) if "group" in rows else None
+    groups_lab = None if groups is None else groups[lab]
+    groups_pool = None if groups is None else groups[pool]
     pipe = make_classifier(t["model"], t["C"], t["class_weight"], t["seed"], t["calibration"])
-    splits, k = fold_splits((y_lab == positive).astype(int), folds, repeats, seed)
+    splits, k = fold_splits((y_lab == positive).astype(int), folds, repeats, seed, groups_lab)
     classes = sorted(set(y_lab.tolist()))
     records = []
     for f, (tr, va) in enumerate(progress(splits, total=len(splits), desc="crossval",
                                           unit="fold")):
-        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool, X_pool)
+        keep = pool_outside(groups_pool, None if groups_lab is None else groups_lab[va])
+        fold = fold_pseudo_labels(params, positive, X_lab[tr], y_lab[tr], ids_pool[keep],
+                                  X_pool[keep], None if groups_lab is None else groups_lab[tr])
         pseudo = fold.rows
         # Guard: a pseudo-label may only name a pool image, never a labelled one.
         if not set(pseudo["id"]).isdisjoint(ids_lab):

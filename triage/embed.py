@@ -1,9 +1,11 @@
-"""ResNet18 feature extractor: kernels, precision, preprocessing, batched embedding (the
-weights come from triage/backbone.py, the vector store is triage/store.py).
+"""Frozen-backbone feature extractor: kernels, precision, preprocessing, batched embedding
+(the network, its weights and its preprocessing config come from triage/backbone.py, the
+vector store is triage/store.py).
 
-The embedding *fingerprint* (backbone, weights and their hash, preprocessing, size,
-precision, library versions) is stored in the Parquet schema metadata so a model
-trained on one embedding can refuse vectors made by another.
+The embedding *fingerprint* (backbone and its library, weights and their hash,
+preprocessing, size, feature dimension, precision, library versions) is stored in the
+Parquet schema metadata so a model trained on one embedding can refuse vectors made by
+another.
 """
 
 from __future__ import annotations
@@ -15,11 +17,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone, fuse_batchnorm
-from .errors import PipelineError
+from .backbone import (
+    DEFAULT_BACKBONE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TIMM_PREFIX,
+    build_backbone,
+    fusable,
+    fuse_batchnorm,
+    preprocessing,
+    resize_plan,
+)
+from .errors import ParamsError, PipelineError
 from .io import log
 from .params import spec
-from .store import EMBED_DIM
+from .store import IMPLIED_BY_DEFAULT_RECORD
 from .torch_utils import resolve_device
 
 # Numeric paths (the fingerprint's ``kernels``). oneDNN picks its convolution kernels per
@@ -37,15 +49,42 @@ CANONICAL_CPU = "cpu-onednn-fma"
 CANONICAL_ONEDNN_ISA = "AVX512_CORE"
 FMA_ONEDNN_ISAS = ("AVX2", "AVX512_CORE")  # the kernel families CANONICAL_CPU admits
 KERNELS = spec("embed.kernels").choices
-PREPROCESS = "grey(L, alpha on black, 16-bit rescaled) -> resize {s}x{s} bilinear -> 3ch -> imagenet mean/std"
+CROPS = spec("embed.crop").choices
+
+
+def preprocess_text(image_size: int, interpolation: str = "bilinear",
+                    crop_pct: float | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> str:
+    """What is done to an image, in words (the fingerprint's ``preprocess``); the default
+    backbone's reads as it always has."""
+    scale = resize_plan(image_size, crop_pct)
+    steps = [f"resize {scale}x{scale} {interpolation}"]
+    if crop_pct is not None:
+        steps.append(f"center crop {image_size}x{image_size}")
+    norm = ("imagenet mean/std" if (tuple(mean), tuple(std)) == (IMAGENET_MEAN, IMAGENET_STD)
+            else f"mean {list(mean)} std {list(std)}")
+    return " -> ".join(["grey(L, alpha on black, 16-bit rescaled)", *steps, "3ch", norm])
 
 
 # --------------------------------------------------------------------------- data
-class ImageDataset:
-    """Map-style dataset: decode + greyscale + resize in DataLoader workers (uint8 out)."""
+def pil_resample(interpolation: str):
+    from PIL import Image
 
-    def __init__(self, paths: list[str], image_size: int):
+    try:
+        return Image.Resampling[interpolation.upper()]
+    except KeyError:
+        raise PipelineError(f"embed: the model's interpolation {interpolation!r} has no PIL "
+                            f"equivalent") from None
+
+
+class ImageDataset:
+    """Map-style dataset: decode + greyscale + resize (+ the model's centre crop, with
+    ``crop_pct``) in DataLoader workers (uint8 out). The whole image is squashed to a
+    square, as everywhere in the project: nothing at its border is lost unless cropped."""
+
+    def __init__(self, paths: list[str], image_size: int, interpolation: str = "bilinear",
+                 crop_pct: float | None = None):
         self.paths, self.image_size = list(paths), image_size
+        self.interpolation, self.crop_pct = interpolation, crop_pct
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -55,7 +94,13 @@ class ImageDataset:
 
         from .images import load_grey
 
-        grey = load_grey(self.paths[i], self.image_size)
+        grey = load_grey(self.paths[i])
+        scale = resize_plan(self.image_size, self.crop_pct)
+        if grey.size != (scale, scale):
+            grey = grey.resize((scale, scale), pil_resample(self.interpolation))
+        if scale != self.image_size:
+            top = int(round((scale - self.image_size) / 2.0))
+            grey = grey.crop((top, top, top + self.image_size, top + self.image_size))
         return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())
 
 
@@ -169,33 +214,68 @@ def check_canonical_kernels() -> None:
 
 
 def fingerprint(weights_info: dict, image_size: int, precision: str,
-                kernels: str = CANONICAL_CPU) -> dict:
+                kernels: str = CANONICAL_CPU, *, backbone: str = DEFAULT_BACKBONE,
+                feature_dim: int, preprocess, crop_pct: float | None = None,
+                fused_batchnorm: bool = True) -> dict:
+    """Everything that defines the vectors, and its short hash (``fingerprint``).
+
+    ``feature_dim``: the width of the vectors; ``preprocess``: the model's
+    :class:`triage.backbone.Preprocess`; ``crop_pct``: the centre crop applied (None:
+    none). The default backbone's record leaves out the fields its other fields imply
+    (triage.store.IMPLIED_BY_DEFAULT_RECORD), so it keeps the fingerprint it had before
+    backbones were configurable.
+    """
     import torch
     import torchvision
 
+    interpolation, mean, std = preprocess.interpolation, preprocess.mean, preprocess.std
     record = {
-        "backbone": "resnet18",
+        "backbone": backbone,
         **weights_info,
-        "preprocess": PREPROCESS.format(s=image_size),
+        "preprocess": preprocess_text(image_size, interpolation, crop_pct, mean, std),
         "image_size": image_size,
         "precision": precision,
         "kernels": kernels,
-        "fused_batchnorm": True,
+        "fused_batchnorm": fused_batchnorm,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }
+    timm_backbone = backbone.startswith(TIMM_PREFIX)
+    spelled = {
+        "source": "timm" if timm_backbone else "torchvision",
+        "feature_dim": int(feature_dim),
+        "input_size": preprocess.input_size,
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "mean": list(mean),
+        "std": list(std),
+    }
+    if backbone != DEFAULT_BACKBONE or spelled != IMPLIED_BY_DEFAULT_RECORD:
+        record.update(spelled)
+        if timm_backbone:
+            import timm
+
+            record["timm"] = timm.__version__
     # the short hash names the embedding space (models refuse vectors from another one)
     record["fingerprint"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 
 
 class Embedder:
-    """Batched ResNet18 embedding (scikit-learn style ``transform`` over image paths)."""
+    """Batched frozen-backbone embedding (scikit-learn style ``transform`` over image paths).
 
-    def __init__(self, weights: str = "random", *, seed: int = 0, weights_sha256: str | None = None,
-                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
+    ``backbone``: a torchvision classification model or ``timm:<name>`` (embed.backbone);
+    ``crop``: ``none`` (the whole image resized to ``image_size``) or ``model`` (the
+    model's own centre crop). After ``fit``: ``feature_dim_`` (read from the model by a
+    forward pass), ``preprocess_`` (the model's config) and ``fingerprint_``.
+    """
+
+    def __init__(self, weights: str = "random", *, backbone: str = DEFAULT_BACKBONE,
+                 seed: int = 0, weights_sha256: str | None = None, image_size: int = 224,
+                 crop: str = "none", batch_size: int = 64, num_workers: int = 0,
                  device: str = "auto", precision: str = "fp32", kernels: str = "canonical"):
         self.weights, self.seed, self.weights_sha256 = weights, seed, weights_sha256
+        self.backbone, self.crop = backbone, crop
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers, self.device, self.precision = num_workers, device, precision
         self.kernels = kernels
@@ -206,6 +286,8 @@ class Embedder:
         self.device_ = resolve_device(self.device, "embed.device")
         if self.kernels not in KERNELS:
             raise PipelineError(f"embed.kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.crop not in CROPS:
+            raise PipelineError(f"embed.crop must be one of {CROPS}, got {self.crop!r}")
         if self.device_ == "cpu":
             # before anything asks oneDNN (even about bf16): its ISA is fixed at first use
             start_onednn(self.kernels == "canonical" and self.precision != "bf16")
@@ -214,23 +296,39 @@ class Embedder:
         else:
             self.precision_ = resolve_precision(self.precision, self.device_)
         self.kernels_ = resolve_kernels(self.kernels, self.device_, self.precision_)
-        model, info = build_backbone(self.weights, seed=self.seed,
+        model, info = build_backbone(self.weights, seed=self.seed, backbone=self.backbone,
                                      weights_sha256=self.weights_sha256)
+        self.preprocess_ = pre = preprocessing(self.backbone, model)
+        check_image_size(self.backbone, self.image_size, pre)
+        self.crop_pct_ = pre.crop_pct if self.crop == "model" else None
+        fused = fusable(model)
         self.model_ = fuse_batchnorm(model).to(self.device_).to(memory_format=torch.channels_last)
-        self.fingerprint_ = fingerprint(info, self.image_size, self.precision_, self.kernels_)
+        self.feature_dim_ = probe_feature_dim(self.model_, self.backbone, self.image_size,
+                                              self.device_, pre)
+        if self.kernels_ == CANONICAL_CPU and self.backbone != DEFAULT_BACKBONE:
+            log.warning("embed: embed.kernels: canonical is measured bit-identical across "
+                        "AVX2/AVX-512 CPUs for %s only; %s runs through the same capped "
+                        "oneDNN, unmeasured", DEFAULT_BACKBONE, self.backbone)
+        self.fingerprint_ = fingerprint(info, self.image_size, self.precision_, self.kernels_,
+                                        backbone=self.backbone, feature_dim=self.feature_dim_,
+                                        preprocess=pre, crop_pct=self.crop_pct_,
+                                        fused_batchnorm=fused)
         return self
 
     def iter_batches(self, paths: list[str]) -> Iterator[np.ndarray]:
-        """Yield float32 (batch, 512) arrays in input order."""
+        """Yield float32 (batch, feature_dim_) arrays in input order."""
         import torch
         from torch.utils.data import DataLoader
 
         workers = (os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
-        loader = DataLoader(ImageDataset(paths, self.image_size), batch_size=self.batch_size,
+        dataset = ImageDataset(paths, self.image_size, self.preprocess_.interpolation,
+                               self.crop_pct_)
+        loader = DataLoader(dataset, batch_size=self.batch_size,
                             shuffle=False, num_workers=workers,
                             persistent_workers=False, pin_memory=self.device_ == "cuda")
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device_).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device_).view(1, 3, 1, 1)
+        # the model's own mean/std, per channel of the replicated greyscale image
+        mean = torch.tensor(self.preprocess_.mean, device=self.device_).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess_.std, device=self.device_).view(1, 3, 1, 1)
         dtype = torch.bfloat16 if self.precision_ == "bf16" else None
         size = (self.batch_size, 3, self.image_size, self.image_size)
         with torch.inference_mode():
@@ -254,4 +352,36 @@ class Embedder:
 
     def transform(self, paths: list[str]) -> np.ndarray:
         chunks = list(self.iter_batches(paths))
-        return np.concatenate(chunks) if chunks else np.zeros((0, EMBED_DIM), np.float32)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.feature_dim_), np.float32)
+
+
+def check_image_size(backbone: str, image_size: int, pre) -> None:
+    """embed.image_size is the side fed to the network: convolutional models take any size
+    from their smallest up (their native ``input_size`` is what pretrained weights saw),
+    fixed-size ones (ViTs) only their own."""
+    if pre.fixed_size and image_size != pre.input_size:
+        raise ParamsError(f"params: 'embed.image_size' {backbone} runs at {pre.input_size} px "
+                          f"only, got {image_size}: set embed.image_size: {pre.input_size}")
+    if image_size < pre.min_size:
+        raise ParamsError(f"params: 'embed.image_size' {backbone} needs at least "
+                          f"{pre.min_size} px, got {image_size} (its native size is "
+                          f"{pre.input_size})")
+
+
+def probe_feature_dim(model, backbone: str, image_size: int, device: str, pre) -> int:
+    """The feature dimension, read from the model: one forward pass of a blank image."""
+    import torch
+
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    try:
+        with torch.inference_mode():
+            out = model(x.contiguous(memory_format=torch.channels_last))
+    except Exception as exc:  # noqa: BLE001 - a size the architecture cannot take
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ParamsError(f"params: 'embed.image_size' {backbone} does not run at {image_size} "
+                          f"px ({type(exc).__name__}: {first}); its native size is "
+                          f"{pre.input_size}: try embed.image_size: {pre.input_size}") from None
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise PipelineError(f"embed: {backbone} without its classifier gives "
+                            f"{tuple(out.shape)}, not one feature vector per image")
+    return int(out.shape[1])

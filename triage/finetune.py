@@ -258,9 +258,8 @@ def run_finetune(rows: pd.DataFrame, cfg: FinetuneConfig, positive: str,
     history (final model, per epoch), seen_ids (every id any training step read),
     device.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     from .metrics import threshold_for_sensitivity
+    from .splits import kfold
 
     device = resolve_device(cfg.device, "finetune.device")
     lab, pool = training_rows(rows)
@@ -275,8 +274,9 @@ def run_finetune(rows: pd.DataFrame, cfg: FinetuneConfig, positive: str,
         ids_lab, ids_pool = lab["id"].tolist(), pool_for_training["id"].tolist()
         oof = np.full(len(lab), np.nan)
         seen: set = set()
-        skf = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
-        for fold, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+        # each split group (near-duplicates, one patient: QC's `group`) on one side
+        groups = lab["group"].to_numpy(dtype=object) if "group" in lab else None
+        for fold, (tr, te) in enumerate(kfold(y, cfg.cv_folds, cfg.seed, groups)[0]):
             model, _, s = train_model(x_lab[tr], y[tr], x_pool, cfg,
                                       ids_lab=[ids_lab[i] for i in tr], ids_pool=ids_pool,
                                       device=device, fold_seed=fold + 1)

@@ -22,12 +22,14 @@ from .errors import PipelineError
 from .io import log, path_text
 from .prepare import describe_file, list_files
 from .qc import Measured, check_image, inspect_image  # the qc stage's own rules: no train/serve skew
-from .store import read_fingerprint
+from .store import describe, read_fingerprint
 
 PREDICTION_COLUMNS = ["id", "path", "probability", "decision", "needs_review", "qc_status",
                       "qc_detail"]
-FINGERPRINT_FIELDS = ("weights", "weights_seed", "weights_sha256", "image_size", "precision",
-                      "kernels", "preprocess", "fused_batchnorm", "torch", "torchvision")
+FINGERPRINT_FIELDS = ("backbone", "source", "weights", "weights_seed", "weights_sha256",
+                      "image_size", "feature_dim", "input_size", "interpolation", "crop_pct",
+                      "mean", "std", "precision", "kernels", "preprocess", "fused_batchnorm",
+                      "torch", "torchvision", "timm")
 
 
 class FingerprintMismatch(PipelineError):
@@ -90,18 +92,25 @@ def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
     """Embedder arguments: what defines the vectors comes from ``stored`` (the training
     fingerprint) when given, else from params; runtime knobs always from params."""
     kw = dict(weights=embed_params["weights"], seed=embed_params["seed"],
+              backbone=embed_params.get("backbone", "resnet18"),
               weights_sha256=embed_params.get("weights_sha256") or None,
-              image_size=embed_params["image_size"], precision=embed_params["precision"],
+              image_size=embed_params["image_size"], crop=embed_params.get("crop", "none"),
+              precision=embed_params["precision"],
               batch_size=embed_params.get("batch_size", 64), device=embed_params.get("device", "auto"),
               num_workers=embed_params.get("num_workers", 0),
               kernels=embed_params.get("kernels", "canonical"))
     if stored:
         w = str(stored.get("weights", ""))
-        kw["weights"] = "imagenet" if w.startswith("imagenet") else w or kw["weights"]
+        # "imagenet:IMAGENET1K_V1", "pretrained:timm/<id>", "ssl:<path>": the keyword
+        keyword = w.split(":", 1)[0] if w.startswith(("imagenet:", "pretrained:", "ssl:")) else ""
+        kw["weights"] = keyword or w or kw["weights"]
         if w == "random":
             kw["seed"] = int(stored.get("weights_seed", kw["seed"]))
-        elif stored.get("weights_sha256") and not w.startswith("imagenet"):
+        elif stored.get("weights_sha256") and keyword not in ("imagenet", "pretrained"):
             kw["weights_sha256"] = stored["weights_sha256"]  # the same weights file, checked
+        full = describe(stored)
+        kw["backbone"] = str(full.get("backbone", kw["backbone"]))
+        kw["crop"] = "none" if full.get("crop_pct") is None else "model"
         kw["image_size"] = int(stored.get("image_size", kw["image_size"]))
         kw["precision"] = str(stored.get("precision", kw["precision"]))
         # The numeric path defines the bits: vectors made on the CPU are re-made on the CPU
@@ -127,14 +136,15 @@ def build_embedder(expected: str, embed_params: dict, stored: dict | None = None
     if got != expected:
         diff = ""
         if stored and stored.get("fingerprint") == expected:
-            fields = [f"{k}: model {stored.get(k)!r} vs here {emb.fingerprint_.get(k)!r}"
-                      for k in FINGERPRINT_FIELDS if stored.get(k) != emb.fingerprint_.get(k)]
+            want, have = describe(stored), describe(emb.fingerprint_)
+            fields = [f"{k}: model {want.get(k)!r} vs here {have.get(k)!r}"
+                      for k in FINGERPRINT_FIELDS if want.get(k) != have.get(k)]
             diff = " (" + "; ".join(fields) + ")" if fields else ""
         raise FingerprintMismatch(
             f"embedding fingerprint mismatch: the model was trained on embedding {expected}, "
             f"this embedder gives {got}{diff}. Predictions would be meaningless: use the "
-            f"embed.* params (weights, seed, image_size, precision) and library versions the "
-            f"model was trained with, or retrain (`dvc repro`).")
+            f"embed.* params (backbone, weights, seed, image_size, crop, precision) and library "
+            f"versions the model was trained with, or retrain (`dvc repro`).")
     return emb
 
 
@@ -180,6 +190,14 @@ class Predictor:
         classes = [str(c) for c in bundle.get("classes", [])]
         others = [c for c in classes if c != self.positive]
         self.negative = others[0] if others else f"not_{self.positive}"
+        # the model's input width is the backbone's feature dimension it was trained on
+        width = getattr(bundle.get("model"), "n_features_in_", None)
+        dim = getattr(embedder, "feature_dim_", None)
+        if width is not None and dim is not None and int(width) != int(dim):
+            raise FingerprintMismatch(
+                f"the model takes {width}-d vectors, the embedder "
+                f"({getattr(embedder, 'backbone', '?')}) gives {dim}-d: use the embed.backbone "
+                f"the model was trained with, or retrain (`dvc repro`)")
 
     @classmethod
     def from_files(cls, model_path: str | Path, params: dict,

@@ -136,6 +136,12 @@ def read_parquet(path: str | Path, what: str = "table") -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The Parquet schema metadata a writer put in with ``write_parquet(metadata=...)``."""
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"pandas")}
+
+
 def write_json(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -3,6 +3,10 @@
 Proportions at the operating point (sensitivity, specificity, PPV, NPV, accuracy) get
 Wilson intervals, which behave with small counts; threshold-free scores (ROC-AUC,
 PR-AUC, F1, Brier, ECE) get a stratified bootstrap.
+
+The triage KPI (:func:`triage_at_targets`): for each target sensitivity, a threshold set
+on out-of-fold scores, then on test the sensitivity, the share of images a reader could
+set aside (predicted negative) and the positives among them (missed), each with a CI.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (phat + z * z / (2 * n)) / denom
     half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # exact at the edges (rounding leaves e.g. 3e-17 for k = 0): a bound then brackets 0 or n
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return float(lo), float(hi)
 
 
 def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int = 10) -> dict:
@@ -170,3 +177,59 @@ def paired_delta(y, p_a, p_b, threshold_a: float, threshold_b: float, *, n_boots
             res[f"{m}_ci_low"] = float(np.quantile(d, a))
             res[f"{m}_ci_high"] = float(np.quantile(d, 1 - a))
     return res
+
+
+# --------------------------------------------------------------------------- triage KPI
+TRIAGE_KPIS = ("sensitivity", "set_aside", "missed")
+
+
+def triage_key(target: float) -> str:
+    """Metric key of a target sensitivity: ``s`` + its whole percentage (0.95 → ``s95``,
+    1.0 → ``s100``). A target that is not a whole percentage (0.995) has no key: ValueError
+    (params.yaml's ``evaluate.triage_targets`` rejects it up front)."""
+    pct = round(100 * float(target))
+    if abs(100 * float(target) - pct) > 1e-6:
+        raise ValueError(f"target sensitivity {target!r} is not a whole percentage "
+                         f"(0.90, 0.95, 0.98, ...): it has no s<percent> metric key")
+    return f"s{pct}"
+
+
+def triage_kpis(y, p, threshold: float, level: float = 0.95) -> dict:
+    """The triage figures of a threshold on test (``p >= threshold`` → flagged):
+
+    - ``sensitivity``: flagged positives / positives, Wilson CI;
+    - ``set_aside``: share of images predicted negative (a reader could set them aside),
+      Wilson CI on (set aside, images);
+    - ``missed``: positives among the set-aside images (a count; equals the false
+      negatives). Its CI is the Wilson interval of missed / positives scaled by the number
+      of positives, i.e. positives × (1 − the sensitivity CI): the two agree exactly.
+
+    The CIs cover the test-set sampling only; the threshold is taken as fixed.
+    """
+    y, p = np.asarray(y, int), np.asarray(p, float)
+    flagged = p >= threshold
+    n, n_pos = len(y), int((y == 1).sum())
+    missed = int(((y == 1) & ~flagged).sum())
+    n_aside = int((~flagged).sum())
+    res = {"sensitivity": (n_pos - missed) / n_pos if n_pos else float("nan")}
+    res["sensitivity_ci_low"], res["sensitivity_ci_high"] = wilson_interval(n_pos - missed, n_pos,
+                                                                            level)
+    res["set_aside"] = n_aside / n if n else float("nan")
+    res["set_aside_ci_low"], res["set_aside_ci_high"] = wilson_interval(n_aside, n, level)
+    lo, hi = wilson_interval(missed, n_pos, level)
+    res.update(missed=missed, missed_ci_low=float(n_pos * lo), missed_ci_high=float(n_pos * hi))
+    return res
+
+
+def triage_at_targets(y_oof, p_oof, y_test, p_test, targets, level: float = 0.95) -> dict:
+    """``{"s95": {"threshold": t, **triage_kpis(test at t)}, ...}`` for each target: ``t``
+    reaches the target sensitivity on the out-of-fold scores (``y_oof``, ``p_oof``: the
+    labelled set, as the operating threshold), never on test."""
+    out = {}
+    for target in targets:
+        key = triage_key(target)
+        if key in out:
+            raise ValueError(f"two targets share the key {key}: {list(targets)}")
+        t = threshold_for_sensitivity(y_oof, p_oof, float(target))
+        out[key] = {"threshold": float(t), **triage_kpis(y_test, p_test, t, level)}
+    return out

@@ -16,7 +16,6 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -25,6 +24,7 @@ from sklearn.svm import SVC
 from .canonical import canonical_fit, logistic_regression, snap_relative
 from .errors import PipelineError
 from .io import atomic_path
+from .splits import kfold, max_folds
 
 # Types a model file may contain beyond skops' defaults (numpy/builtins are trusted): the
 # classifiers of make_classifier, nothing else (tests/test_models.py keeps it minimal).
@@ -125,8 +125,9 @@ def fit_semi_supervised(pipe, X_lab, y_lab, X_ps, y_ps, w_ps) -> Pipeline:
 
 
 def out_of_fold_proba(pipe, X_lab, y_lab, positive, folds: int, seed: int,
-                      pseudo_for_fold=None) -> np.ndarray:
-    """P(positive) for each labelled image from a model that did not see it.
+                      pseudo_for_fold=None, groups=None) -> np.ndarray:
+    """P(positive) for each labelled image from a model that did not see it, nor any
+    image of its split group (``groups``: near-duplicates, one patient; ``triage.splits``).
 
     Used to pick the operating threshold without touching test. With
     ``pseudo_for_fold(train_index) -> (X_ps, y_ps, w_ps)`` each fold's model is also
@@ -137,13 +138,11 @@ def out_of_fold_proba(pipe, X_lab, y_lab, positive, folds: int, seed: int,
     threshold misses its target sensitivity.
     """
     y_lab = np.asarray(y_lab)
-    n_min = int(min(np.unique(y_lab, return_counts=True)[1]))
-    if n_min < 2:
-        raise PipelineError("out-of-fold scores need at least 2 labelled images of each class")
-    folds = max(2, min(folds, n_min))
+    if max_folds(y_lab, groups) < 2:
+        raise PipelineError("out-of-fold scores need at least 2 labelled images of each class "
+                            "(2 split groups: near-duplicates and one patient's images count once)")
     oof = np.zeros(len(y_lab))
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for tr, va in skf.split(X_lab, y_lab):
+    for tr, va in kfold(y_lab, folds, seed, groups)[0]:
         if pseudo_for_fold is not None:
             X_ps, y_ps, w_ps = pseudo_for_fold(tr)
             m = fit_semi_supervised(pipe, X_lab[tr], y_lab[tr], X_ps, y_ps, w_ps)

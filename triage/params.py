@@ -102,6 +102,26 @@ NUM = (int, float)
 STR = (str,)
 BOOL = (bool,)
 
+
+class PercentList(Spec):
+    """A non-empty list of distinct shares in [min, max], each a whole percentage: the
+    metric keys derive from them (0.95 → ``s95``, triage.metrics.triage_key), so 0.995 is
+    rejected here rather than given an ambiguous key. Only ``evaluate.triage_targets``."""
+
+    def check(self, key: str, value: Any) -> None:
+        example = "e.g. [0.90, 0.95, 0.98]"
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"params: '{key}' must be a non-empty list of numbers ({example}), "
+                              f"got {type(value).__name__} {value!r}")
+        item = Spec(NUM, min=self.min, max=self.max)
+        for i, v in enumerate(value):
+            item.check(f"{key}[{i}]", v)
+            if abs(100 * v - round(100 * v)) > 1e-6:
+                raise ParamsError(f"params: '{key}[{i}]' must be a whole percentage ({example}: "
+                                  f"its metric key is s + the percent, s95), got {v!r}")
+        if len({round(100 * v) for v in value}) != len(value):
+            raise ParamsError(f"params: '{key}' lists a target twice, got {value!r}")
+
 # The single source of truth for which keys exist. Adding a param = add it here and
 # in params.yaml (tests check both agree).
 SCHEMA: dict[str, Any] = {
@@ -136,11 +156,14 @@ SCHEMA: dict[str, Any] = {
         "workers": Spec(INT, min=0),
     },
     "embed": {
-        "backbone": Spec(STR, choices=("resnet18",)),
-        "weights": Spec(STR),  # imagenet | random | ssl | path to a .pth state dict
+        # a torchvision classification model or timm:<name>; the name is checked against
+        # the libraries when the embedder is built (triage.backbone.parse_backbone)
+        "backbone": Spec(STR),
+        "weights": Spec(STR),  # random | imagenet | pretrained | ssl | path to a weights file
         "weights_sha256": Spec(STR, nullable=True),
         "seed": Spec(INT, min=0),
         "image_size": Spec(INT, min=32, max=1024),
+        "crop": Spec(STR, choices=("none", "model")),
         "batch_size": Spec(INT, min=1),
         "num_workers": Spec(INT, min=-1),
         "device": Spec(STR, choices=("auto", "cpu", "cuda")),
@@ -191,6 +214,7 @@ SCHEMA: dict[str, Any] = {
     },
     "evaluate": {
         "target_sensitivity": Spec(NUM, min=0.5, max=1.0),
+        "triage_targets": PercentList((list,), min=0.5, max=1.0),  # keys s90, s95, s98
         "n_bootstrap": Spec(INT, min=0),
         "ci_level": Spec(NUM, min=0.5, max=0.999),
         "calibration_bins": Spec(INT, min=2),
@@ -238,6 +262,12 @@ SCHEMA: dict[str, Any] = {
         "diversity": Spec(STR, choices=("kcenter", "cluster", "none")),
         "candidates": Spec(INT, min=0),
         "pca_components": Spec(INT, min=2),
+    },
+    "audit": {
+        "filter_by": Spec(STR, choices=("prune_by_noise_rate", "prune_by_class", "both",
+                                        "confident_learning", "predicted_neq_given",
+                                        "low_normalized_margin", "low_self_confidence")),
+        "max_rows": Spec(INT, min=1),
     },
     "inference": {
         "model": Spec(STR),

@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .canonical import canonical_fit, canonical_reducer, logistic_regression, snap_relative
 from .params import SCHEMA
+from .splits import kfold
 
 PSEUDO_COLUMNS = ["id", "label", "confidence", "strategy"]
 # the ``pseudo.strategy`` choices, declared once in the params schema; ``LABELLERS`` (below)
@@ -158,10 +158,12 @@ def fit_space(X_lab, X_pool, n_components: int, seed: int) -> tuple[np.ndarray, 
 
 
 def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int = 5,
-                          Z_ps=None, y_ps=None, w_ps=None) -> tuple[np.ndarray, np.ndarray]:
+                          Z_ps=None, y_ps=None, w_ps=None,
+                          groups=None) -> tuple[np.ndarray, np.ndarray]:
     """P(positive) for the pool from a logistic regression on labelled (+ pseudo) points,
     Platt-calibrated on out-of-fold scores of the labelled points (balanced training
-    prior 0.5). Returns (pool probabilities, out-of-fold labelled probabilities)."""
+    prior 0.5; folds keep each split group of ``groups`` on one side, ``triage.splits``).
+    Returns (pool probabilities, out-of-fold labelled probabilities)."""
     y_lab = np.asarray(y_lab, int)
     has_ps = Z_ps is not None and len(Z_ps) > 0
 
@@ -177,10 +179,8 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
         return (np.concatenate([Z_lab[idx], Z_ps]), np.concatenate([y_lab[idx], y_ps]),
                 np.concatenate([np.ones(len(idx)), w_ps]))
 
-    n_min = int(np.bincount(y_lab, minlength=2).min())
-    k = max(2, min(folds, n_min))
     oof = np.zeros(len(y_lab))
-    for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(Z_lab, y_lab):
+    for tr, va in kfold(y_lab, folds, seed, groups)[0]:
         oof[va] = fit(*train_set(tr))(Z_lab[va])
     # Platt scaling with balanced weights: calibrated under a 50/50 prior.
     platt = canonical_fit(logistic_regression(1e4, "balanced").fit(oof[:, None], y_lab))
@@ -194,11 +194,12 @@ def calibrated_pool_proba(Z_lab, y_lab, Z_pool, C: float, seed: int, folds: int 
             snap_relative(platt.predict_proba(oof[:, None])[:, 1]))
 
 
-def pool_prior(Z_lab, y_lab, Z_pool, C: float, seed: int, given: float | None) -> float:
+def pool_prior(Z_lab, y_lab, Z_pool, C: float, seed: int, given: float | None,
+               groups=None) -> float:
     """The pool's positive share: ``given`` if set, else EM on calibrated posteriors."""
     if given is not None:
         return float(given)
-    p_pool, _ = calibrated_pool_proba(Z_lab, y_lab, Z_pool, C, seed)
+    p_pool, _ = calibrated_pool_proba(Z_lab, y_lab, Z_pool, C, seed, groups=groups)
     return estimate_prior(p_pool, 0.5)
 
 
@@ -217,6 +218,7 @@ class PoolData:
     y_lab: Any
     pool_clusters: np.ndarray | None = None
     lab_clusters: np.ndarray | None = None
+    lab_groups: np.ndarray | None = None  # split groups of the labelled set (triage.splits)
 
     @property
     def has_clusters(self) -> bool:
@@ -355,7 +357,8 @@ class SelfTrainingPseudoLabeler(PseudoLabeler):
             return empty_pseudo()
         y, negative = _binary(data.y_lab, self.positive)
         Z_lab, Z_pool = fit_space(data.X_lab, data.X_pool, self.pca_components, self.random_state)
-        p_pool, _ = calibrated_pool_proba(Z_lab, y, Z_pool, self.C, self.random_state)
+        p_pool, _ = calibrated_pool_proba(Z_lab, y, Z_pool, self.C, self.random_state,
+                                          groups=data.lab_groups)
         if np.all(p_pool == 0.5):  # no signal in the labels' classifier: label nothing
             self.prior_ = float(self.class_prior) if self.class_prior is not None else 0.5
             return empty_pseudo()
@@ -371,7 +374,8 @@ class SelfTrainingPseudoLabeler(PseudoLabeler):
                 p_pool, _ = calibrated_pool_proba(
                     Z_lab, y, Z_pool, self.C, self.random_state,
                     Z_ps=Z_pool[take], y_ps=(out["label"] == self.positive).to_numpy(int),
-                    w_ps=out["confidence"].to_numpy(float) * self.round_weight)
+                    w_ps=out["confidence"].to_numpy(float) * self.round_weight,
+                    groups=data.lab_groups)
             p_adj = adjust_to_prior(p_pool, 0.5, prior)
             grow = {c: int(np.floor(q * r / self.rounds)) for c, q in quotas.items()}
             out = select_with_quotas(pool_ids, p_adj, grow, self.positive, negative,
@@ -429,7 +433,8 @@ class LabelSpreadingPseudoLabeler(PseudoLabeler):
         with np.errstate(invalid="ignore"):
             p = dist[:, col] / dist.sum(axis=1)
         p = np.nan_to_num(p, nan=0.5)  # points the graph never reached
-        prior = pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, self.class_prior)
+        prior = pool_prior(Z_lab, y, Z_pool, self.C, self.random_state, self.class_prior,
+                           data.lab_groups)
         self.prior_ = float(prior)
         p_adj = adjust_to_prior(p, 0.5, prior)
         quotas = class_quotas(len(pool_ids), prior, self.max_fraction, self.positive, negative)
@@ -490,13 +495,14 @@ def labeller_for(strategy: str) -> type[PseudoLabeler]:
 
 
 def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab,
-                 pool_clusters=None, lab_clusters=None) -> pd.DataFrame:
+                 pool_clusters=None, lab_clusters=None, lab_groups=None) -> pd.DataFrame:
     """The labeller ``p['strategy']`` built from the ``pseudo.*`` params ``p`` (seed
     ``p['seed']``), fitted on this pool: the one entry point the stage and the
     cross-validation share. ``pool_clusters``/``lab_clusters`` are needed by cluster_vote;
-    ``pool_clusters`` excludes HDBSCAN noise (cluster -1) in every strategy."""
+    ``pool_clusters`` excludes HDBSCAN noise (cluster -1) in every strategy;
+    ``lab_groups`` keeps each split group on one side of the calibration folds."""
     return labeller_for(p["strategy"]).from_params(p, positive).fit_predict(
-        PoolData(pool_ids, X_pool, X_lab, y_lab, pool_clusters, lab_clusters))
+        PoolData(pool_ids, X_pool, X_lab, y_lab, pool_clusters, lab_clusters, lab_groups))
 
 
 def pseudo_label_quality(pseudo: pd.DataFrame, truth: pd.DataFrame, classes: list[str]) -> dict:

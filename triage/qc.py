@@ -16,9 +16,11 @@ Order of the checks (an image gets the reason of the first check it fails):
    vs the median size; only with qc.size_outlier_policy: quarantine, else a note);
 4. exact duplicates (sha256): ``label_conflict`` (every copy), ``leakage`` (test copy
    of a training/pool image, qc.leakage_policy), ``duplicate`` (the other copies);
-5. near duplicates (64-bit DCT pHash, Hamming <= qc.near_dup_hamming): with
-   qc.near_dup_policy: report they are notes and metrics only; with quarantine
-   ``label_conflict``, ``near_leakage`` (per qc.leakage_policy) and ``near_duplicate``.
+5. near duplicates (64-bit DCT pHash, Hamming <= qc.near_dup_hamming): a test near-copy
+   of a training/pool image is leakage like an exact copy (moved to labelled when the
+   pipeline drew the test split, else ``near_leakage`` per qc.leakage_policy); the others
+   are notes with qc.near_dup_policy: report, ``label_conflict`` / ``near_duplicate``
+   with quarantine. Every clean row gets its split group (column `group`, :func:`split_groups`).
 
 Usable oddities are kept with a note (``qc_note`` column of the clean manifest): mode
 conversions, a format that does not match the extension, size outliers, near duplicates.
@@ -287,10 +289,14 @@ class _Verdicts:
 def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: float,
            max_aspect: float, leakage_policy: str, workers: int, convert_modes: bool,
            size_outlier_factor: float, size_outlier_policy: str, near_dup_hamming: int,
-           near_dup_policy: str) -> QCReport:
+           near_dup_policy: str, test_source: str = "folder") -> QCReport:
     """Apply every check to the manifest; see module docstring for the order and guarantees.
 
-    The keywords are the ``qc`` section of params.yaml, which holds their defaults."""
+    The keywords are the ``qc`` section of params.yaml, which holds their defaults, and
+    ``test_source`` (prepare's manifest metadata): ``split`` when the pipeline drew the
+    test set from the labelled images, so QC may move a test image back to the labelled
+    side to keep its near-duplicate group together; ``folder`` (a given ``test/``, the safe
+    assumption) applies ``qc.leakage_policy`` instead."""
     params = dict(min_side=min_side, max_pixels=max_pixels, min_std=min_std, max_aspect=max_aspect,
                   leakage_policy=leakage_policy, convert_modes=convert_modes,
                   size_outlier_factor=size_outlier_factor, size_outlier_policy=size_outlier_policy,
@@ -306,7 +312,9 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
     size = _size_outliers(df, v, size_outlier_factor, size_outlier_policy)
     _flag_label_conflicts(df, v)
     exact = _exact_copies(df, v, leakage_policy)
-    near = _near_duplicates(df, v, near_dup_hamming, near_dup_policy, leakage_policy)
+    near = _near_duplicates(df, v, near_dup_hamming, near_dup_policy, leakage_policy,
+                            test_source)
+    df["group"] = split_groups(df, near["groups"])
     return _assemble(df, v, size, exact, near, params)
 
 
@@ -420,8 +428,37 @@ def _apply_leakage_policy(v: _Verdicts, leak: pd.Series, n_leak: int, first_path
         v.note(leak, "leakage kept (qc.leakage_policy=keep): identical to " + first_path)
 
 
+def split_groups(df: pd.DataFrame, near_groups: list[list[int]]) -> pd.Series:
+    """The split group of every row (``triage.splits``): near-duplicate groups and, when
+    the manifest has a ``patient`` column, each patient's images, joined transitively;
+    named by the smallest image id in it (an image alone keeps its own id)."""
+    parent = list(range(len(df)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(members) -> None:
+        members = list(members)
+        for j in members[1:]:
+            a, b = find(members[0]), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+
+    for idx in near_groups:
+        union(idx)
+    if "patient" in df:
+        for _, rows in df[df["patient"].notna()].groupby("patient", sort=True):
+            union(rows.index)
+    roots = pd.Series([find(i) for i in range(len(df))], index=df.index)
+    first_id = df["id"].groupby(roots).min()
+    return roots.map(first_id).astype(object)
+
+
 def _near_duplicates(df: pd.DataFrame, v: _Verdicts, max_distance: int, policy: str,
-                     leakage_policy: str) -> dict:
+                     leakage_policy: str, test_source: str = "folder") -> dict:
     """pHash groups among what is still in, each judged by :func:`_judge_near_group`.
 
     Returns groups (frame indices, kept image first), dist (pHash distance of each member
@@ -434,7 +471,8 @@ def _near_duplicates(df: pd.DataFrame, v: _Verdicts, max_distance: int, policy: 
     cand = df[ok & df["phash"].notna()].assign(_rank=rank).sort_values(["_rank", "path"])
     cand = cand.drop_duplicates("id")
     groups, dist = [], {}
-    counts = {"groups": 0, "images": 0, "leaked_test": 0, "label_conflict_groups": 0}
+    counts = {"groups": 0, "images": 0, "leaked_test": 0, "leaked_test_dropped": 0,
+              "moved_to_labeled": 0, "label_conflict_groups": 0}
     for pos in near_duplicate_groups(cand["phash"].tolist(), max_distance):
         g = cand.iloc[pos].sort_values(["_rank", "path"])
         idx = list(g.index)
@@ -445,49 +483,59 @@ def _near_duplicates(df: pd.DataFrame, v: _Verdicts, max_distance: int, policy: 
         dist.update(d)
         counts["groups"] += 1
         counts["images"] += len(idx) - 1
-        _judge_near_group(df, v, idx, d, counts, max_distance, policy, leakage_policy)
+        _judge_near_group(df, v, idx, d, counts, max_distance, policy, leakage_policy,
+                          test_source)
     return {"groups": groups, "dist": dist, "counts": counts}
 
 
 def _judge_near_group(df: pd.DataFrame, v: _Verdicts, idx: list[int], dist: dict, counts: dict,
-                      max_distance: int, policy: str, leakage_policy: str) -> None:
-    """Label conflict for the whole group, else each member vs the kept image ``idx[0]``.
+                      max_distance: int, policy: str, leakage_policy: str,
+                      test_source: str = "folder") -> None:
+    """Label conflict for the whole group, then each member vs the kept image ``idx[0]``.
 
-    With near_dup_policy=report everything is a note: a pHash match is a suspicion, not proof.
+    A test member with a training-side (labelled or pool) member is leakage whatever
+    ``near_dup_policy`` says, handled like an exact copy: moved to the labelled side when
+    the pipeline made the test split (its group then stays on one side), else
+    ``qc.leakage_policy``. Other members: with near_dup_policy=report a note (a pHash match
+    is a suspicion, not proof), with quarantine ``near_duplicate``.
     """
     quarantine = policy == "quarantine"
     rep = idx[0]
     labels = set(df.loc[idx][df.loc[idx, "split"].isin(["labeled", "test"])]["label"].dropna())
-    if len(labels) > 1:
+    conflict = len(labels) > 1
+    if conflict:
         counts["label_conflict_groups"] += 1
         what = (f"near-duplicate group (pHash distance <= {max_distance}) filed under "
                 f"labels {', '.join(sorted(labels))}")
         members = df.index.isin(idx)
         if quarantine:
             v.flag(members, "label_conflict", what)
-        else:
-            v.note(members, what)
-        return
+            return
+        v.note(members, what)
     rep_path = df.at[rep, "path"]
     has_train = bool(df.loc[idx, "split"].ne("test").any())
     for i in idx[1:]:
         if df.at[i, "id"] == df.at[rep, "id"]:
             continue  # exact copy kept by leakage_policy=keep: already noted
         how_near = f"(pHash distance {dist[i]} <= qc.near_dup_hamming={max_distance})"
-        is_leak = df.at[i, "split"] == "test" and has_train
-        counts["leaked_test"] += int(is_leak)
         mask = df.index == i
-        if is_leak:
+        if df.at[i, "split"] == "test" and has_train and v.ok[i]:
+            counts["leaked_test"] += 1
             what = f"test image near-identical to training/pool image {rep_path} {how_near}"
-            if quarantine and leakage_policy == "fail":
+            if test_source == "split":
+                df.at[i, "split"] = "labeled"
+                counts["moved_to_labeled"] += 1
+                v.note(mask, "moved from the test split to labeled (the pipeline's split keeps "
+                             "a near-duplicate group on one side): " + what)
+            elif leakage_policy == "fail":
                 raise DataError("test images near-duplicate training/pool images "
-                                "(qc.near_dup_policy=quarantine, qc.leakage_policy=fail); "
-                                "see the qc report or set drop_test")
-            if quarantine and leakage_policy == "drop_test":
+                                "(qc.leakage_policy=fail); see the qc report or set drop_test")
+            elif leakage_policy == "drop_test":
+                counts["leaked_test_dropped"] += 1
                 v.flag(mask, "near_leakage", what)
             else:
-                v.note(mask, "possible leakage: " + what)
-        else:
+                v.note(mask, "possible leakage kept (qc.leakage_policy=keep): " + what)
+        elif not conflict:
             what = f"near-duplicate of {rep_path} {how_near}"
             if quarantine:
                 v.flag(mask, "near_duplicate", what)
@@ -514,6 +562,8 @@ def _assemble(df: pd.DataFrame, v: _Verdicts, size: tuple, exact: dict, near: di
         "near_duplicate_groups": counts["groups"],
         "near_duplicate_images": counts["images"],
         "near_leaked_test_images": counts["leaked_test"],
+        "near_leaked_test_dropped": counts["leaked_test_dropped"],
+        "near_moved_to_labeled": counts["moved_to_labeled"],
         "near_label_conflict_groups": counts["label_conflict_groups"],
     })
     stats.update(note_counts(df))
@@ -553,6 +603,7 @@ NOTE_KINDS = {  # note text prefix -> metrics key under notes/
     "mode ": "mode_converted", "format ": "format_mismatch", "size outlier": "size_outlier",
     "near-duplicate of": "near_duplicate", "possible leakage": "near_leakage",
     "near-duplicate group": "near_label_conflict", "leakage kept": "leakage_kept",
+    "moved from the test split": "moved_to_labeled",
 }
 
 

@@ -164,11 +164,42 @@ def _legend(positive: str, negative: str, groups: Groups) -> str:
             f"whose embeddings are most similar (cosine), with their label.</li></ul></div>")
 
 
+def _audit_card(r) -> str:
+    """One labelled image the label audit doubts: thumbnail, given vs suggested label,
+    score, path."""
+    return (f"<div class='card audit'>{thumbnail_html(r['path'], THUMB_PX, sized=True)}"
+            f"<div>given <b>{escape(str(r['given_label']))}</b> → suggested "
+            f"<b>{escape(str(r['suggested_label']))}</b></div>"
+            f"<div>score {escape(fmt_score(float(r['score'])))}</div>"
+            f"<div class='muted path'>{escape(str(r['path']))}</div></div>")
+
+
+def _audit_section(review: pd.DataFrame) -> list[str]:
+    """The label audit (stage ``audit``, ``data/annotation/to_review.csv``): the labelled
+    images whose given label the baseline's out-of-fold probability doubts most."""
+    parts = [f"<h2 id='label-audit'>Label audit of the labelled set: "
+             f"{plural(len(review), 'image')} to review</h2>",
+             "<p class='muted'>Labelled training images whose given label the labelled-only "
+             "baseline doubts, from its out-of-fold probabilities (each image scored by a model "
+             "that never saw it), flagged with cleanlab's confident learning "
+             "(<code>cleanlab.filter.find_label_issues</code>, <code>audit.filter_by</code>). "
+             "<b>score</b> = 1 − out-of-fold P(given label): higher = more likely mislabelled; "
+             "most suspicious first. A flag asks for a second reader, it is not a correction: "
+             "see docs/active_learning.md (<code>data/annotation/to_review.csv</code>).</p>"]
+    if review.empty:
+        parts.append("<p class='muted'>none flagged</p>")
+        return parts
+    parts += ["<div class='grid'>", *(_audit_card(r) for _, r in review.iterrows()), "</div>"]
+    return parts
+
+
 def render_errors_html(errors: dict[str, pd.DataFrame], thresholds: dict[str, float],
                        n_test: int, positive: str, max_errors: int = MAX_ERRORS, *,
-                       negative: str | None = None, groups: Groups | None = None) -> str:
+                       negative: str | None = None, groups: Groups | None = None,
+                       review: pd.DataFrame | None = None) -> str:
     """One section per model; within it false negatives first. ``negative``: the other
-    class's name (default "not <positive>"); ``groups``: how the clusters are named."""
+    class's name (default "not <positive>"); ``groups``: how the clusters are named;
+    ``review``: the label audit's rows (to_review.csv columns), a last section."""
     negative = negative or f"not {positive}"
     groups = groups or Groups()
     parts = [page_head("Error analysis", ERRORS_CSS),
@@ -180,6 +211,8 @@ def render_errors_html(errors: dict[str, pd.DataFrame], thresholds: dict[str, fl
              _legend(positive, negative, groups)]
     for model, err in errors.items():
         parts += _model_errors(model, err, thresholds[model], positive, max_errors, negative, groups)
+    if review is not None:
+        parts += _audit_section(review)
     parts.append(PAGE_END)
     return "\n".join(parts)
 
@@ -380,8 +413,15 @@ def _data_and_provenance(params: dict, metrics: dict) -> list[str]:
                                         else f" (`{d['root']}`)") + ".",
         f"- QC: {qc.get('n_images', 'n/a')} images in, {qc.get('n_passed', 'n/a')} passed, "
         f"{qc.get('n_quarantined', 'n/a')} quarantined (reasons in `data/qc/quarantine.csv`); "
-        f"leaked test images: {qc.get('leaked_test_images', 'n/a')} "
-        f"(policy `{params['qc']['leakage_policy']}`).",
+        f"test images with a copy on the training side: "
+        f"{qc.get('leaked_test_images', 'n/a')} identical, "
+        f"{qc.get('near_leaked_test_images', 'n/a')} near-identical (pHash), of which "
+        f"{qc.get('near_leaked_test_dropped', 'n/a')} dropped and "
+        f"{qc.get('near_moved_to_labeled', 'n/a')} moved to the labelled side "
+        f"(policy `{params['qc']['leakage_policy']}`"
+        + (": kept copies make the test metrics optimistic" if params["qc"]["leakage_policy"]
+           == "keep" else ": the test set holds no copy of a training image")
+        + "; CV folds keep near-duplicate groups together).",
         f"- Labelled training images: {tr.get('n_labeled', 'n/a')}; pseudo-labelled pool images "
         f"used: {tr.get('n_pseudo', 'n/a')} of {ps.get('n_pool', 'n/a')} "
         f"(strategy `{p['strategy']}`).",
@@ -392,8 +432,9 @@ def _method(params: dict, metrics: dict) -> list[str]:
     t, emb = params["train"], metrics.get("embed", {})
     return [
         "## Method",
-        f"- Features: ResNet18 without its last layer, weights `{params['embed']['weights']}`, "
-        f"{params['embed']['image_size']} px greyscale → 512-d (fingerprint "
+        f"- Features: `{params['embed'].get('backbone', 'resnet18')}` without its classification "
+        f"head, weights `{params['embed']['weights']}`, {params['embed']['image_size']} px "
+        f"greyscale → {emb.get('feature_dim', 'n/a')}-d (fingerprint "
         f"`{emb.get('fingerprint', 'see metrics/embed')}`).",
         f"- Classifier: `{t['model']}` (C={t['C']}, class weight {t['class_weight']}, "
         f"calibration `{t.get('calibration', 'none')}`); baseline on labels only; semi-supervised "
@@ -425,6 +466,86 @@ def _performance(metrics: dict, pos: str) -> list[str]:
     lines.append(f"| false negatives (missed {pos}) | {b.get('fn', 'n/a')} | {s.get('fn', 'n/a')} | |")
     thr = fmt_scores(b.get("threshold", float("nan")), s.get("threshold", float("nan")))
     lines.append(f"| threshold (a score at or above it: predicted {pos}) | {thr[0]} | {thr[1]} | |")
+    return lines
+
+
+TRIAGE_MODELS = (("semi_supervised", "semi-supervised"), ("baseline", "baseline"),
+                 ("finetuned", "finetuned"))
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _triage_targets(block: dict) -> list[tuple[str, float]]:
+    """``[("s90", 0.90), ...]`` of one model's ``triage`` metrics, by target."""
+    keys = [k for k in block if k[:1] == "s" and k[1:].isdigit()]
+    return sorted(((k, int(k[1:]) / 100) for k in keys), key=lambda kt: kt[1])
+
+
+def _span(m: dict, key: str, pct: bool) -> str:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    if lo is None or hi is None:
+        return ""
+    return f"{100 * lo:.1f}–{100 * hi:.1f} %" if pct else f"{lo:.1f}–{hi:.1f}"
+
+
+def _triage_cell(m: dict, key: str) -> str:
+    v = m.get(key)
+    if v is None:
+        return "n/a"
+    span = _span(m, key, pct=key != "missed")
+    text = f"{v}" if key == "missed" else f"{100 * v:.1f} %"
+    return text + (f" [{span}]" if span else "")
+
+
+def _triage(metrics: dict, pos: str) -> list[str]:
+    """The triage KPI (evaluate's ``<model>.triage.s90|s95|s98``): per target, how many test
+    images a reader could set aside and how many positives they would miss, with CIs."""
+    ev = metrics.get("evaluate", {})
+    models = [(key, label) for key, label in TRIAGE_MODELS if ev.get(key, {}).get("triage")]
+    if not models:
+        return []
+    n = len(_triage_targets(ev[models[0][0]]["triage"]))
+    words = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+    lines = [f"## Triage at {words} sensitivity target{'' if n == 1 else 's'} (held-out test set)",
+             "",
+             f"Each threshold reaches its target sensitivity on out-of-fold predictions of the "
+             f"labelled set (never on test). Below it an image is predicted not {pos}: a reader "
+             f"could set it aside. *Set aside* is the share of test images below the threshold; "
+             f"*missed* the images of class {pos} among them."]
+    head, *_ = models[0]
+    first = ev[head]
+    n_test, n_pos = ev.get("n_test"), None
+    if first.get("tp") is not None and first.get("fn") is not None:
+        n_pos = first["tp"] + first["fn"]
+    if n_test and n_pos is not None:
+        lines[-1] += (f" Both depend on the test set's prevalence ({plural(n_pos, 'image')} of "
+                      f"class {pos} among {n_test}, {_pct(n_pos / n_test)}): where {pos} is rarer, "
+                      f"a larger share can be set aside.")
+    lines += ["", "CIs in brackets: Wilson intervals at `evaluate.ci_level` (for *missed*: "
+                 f"the interval of missed / test images of class {pos}, times their number); "
+                 "they cover the test sample, not the threshold's own uncertainty."]
+    lines += ["", f"The {dict(models)[head]} model:", ""]
+    for key, target in _triage_targets(first["triage"]):
+        m = first["triage"][key]
+        missed = m.get("missed")
+        if m.get("set_aside") is None or missed is None:
+            continue
+        aside_ci, missed_ci = _span(m, "set_aside", True), _span(m, "missed", False)
+        sens = m.get("sensitivity")
+        below = ("" if sens is None else f"; test sensitivity {_pct(sens, target)}"
+                 + (", below the target" if sens < target else ""))
+        lines.append(f"- At the {target:.2f} target a reader could set aside "
+                     f"{_pct(m['set_aside'])} of images" + (f" (CI {aside_ci})" if aside_ci else "")
+                     + f" and would miss {plural(int(missed), pos)}"
+                     + (f" (CI {missed_ci})" if missed_ci else "") + below + ".")
+    lines += ["", "| model | target | threshold | test sensitivity [CI] | set aside [CI] | "
+              f"missed positives ({pos}) [CI] |", "|---|---|---|---|---|---|"]
+    for key, label in models:
+        block = ev[key]["triage"]
+        for k, target in _triage_targets(block):
+            m = block[k]
+            thr = fmt_score(m["threshold"]) if m.get("threshold") is not None else "n/a"
+            lines.append(f"| {label} | {target:.2f} | {thr} | {_triage_cell(m, 'sensitivity')} | "
+                         f"{_triage_cell(m, 'set_aside')} | {_triage_cell(m, 'missed')} |")
     return lines
 
 
@@ -465,6 +586,7 @@ def render_model_card(params: dict, metrics: dict, errors: pd.DataFrame, *,
     sections = [_sensitivity_status(params, metrics), _version(params, metrics, versions),
                 _intended_use(params), _data_and_provenance(params, metrics),
                 _method(params, metrics), _performance(metrics, params["data"]["positive_class"]),
+                _triage(metrics, params["data"]["positive_class"]),
                 _failure_modes(params["data"]["positive_class"], errors, threshold, groups or Groups()),
                 LIMITATIONS, ETHICS, MONITORING]
     sections = [sec for sec in sections if sec]

@@ -51,6 +51,8 @@ HEADLINE = (
              "Specificity at the operating point (test)", True),
     Headline("test_fn_semi", "evaluate", "semi_supervised.fn",
              "Missed positives at the operating point (test)", False, 0),
+    Headline("test_setaside95_semi", "evaluate", "semi_supervised.triage.s95.set_aside",
+             "Share a reader could set aside at the 0.95 target (test)", True),
     Headline("cv_delta_auc", "crossval", "delta.roc_auc_mean",
              "Delta ROC-AUC, semi-supervised - baseline (crossval)", True),
     Headline("pseudo_n", "pseudo_label", "n_accepted", "Pseudo-labels accepted", None, 0),

@@ -21,7 +21,7 @@ from triage.drift import compare, flat_metrics, image_stats, prevalence_matched,
 from triage.errors import PipelineError
 from triage.inference import Predictor, image_files
 from triage.io import atomic_path, open_live, read_parquet, run_stage, write_json
-from triage.models import load_model, positive_proba
+from triage.models import load_model, ood_flags, positive_proba
 from triage.params import load_params
 from triage.store import read_embeddings
 
@@ -144,6 +144,13 @@ def main(argv=None) -> None:
                   n_permutations=d["n_permutations"], pca_components=d["pca_components"],
                   seed=d["seed"])
     res["prevalence_matched"] = bool(d["match_prevalence"])
+    ood = batch.bundle.get("ood")  # the served model's per-image OOD check, on the batch compared
+    flags = ood_flags(ood, batch.X)
+    if flags is not None:
+        res["ood"] = {"count": int(flags.sum()), "n": int(len(flags)), "k": int(ood["k"]),
+                      "quantile": float(ood["quantile"])}
+        batch.extra.update(ood_count=res["ood"]["count"],
+                           ood_share=round(res["ood"]["count"] / max(len(flags), 1), 6))
     order = np.argsort(-res["witness_batch"], kind="stable")[:N_TYPICAL]
     html = render_html(res, batch_name=batch.name, Z_ref=res["Z_ref"], Z_new=res["Z_new"],
                        stats_ref=stats_ref, stats_new=stats_new, p_ref=p_ref, p_new=batch.proba,

@@ -6,6 +6,7 @@ from triage.params import load_params
 from triage.prepare import MANIFEST_SCHEMA, build_manifest, min_labeled_per_class
 
 OUT = Path("data/prepared/manifest.parquet")
+DEID_INDEX = Path("data/deid/index.parquet")  # the deid stage's: DICOM rows, de-identified
 DEMO_ROOT = "data/demo/raw"
 
 
@@ -20,7 +21,8 @@ def main() -> None:
     manifest, info = build_manifest(root, data["positive_class"], data["test_fraction"], data["seed"],
                                     annotations=annotations,
                                     links_outside_root=data["links_outside_root"],
-                                    min_per_class=minimum, min_per_class_why=why)
+                                    min_per_class=minimum, min_per_class_why=why,
+                                    deid_index=DEID_INDEX, patients=Path(root) / "patients.csv")
     # qc reads it: a test split the pipeline drew may be rearranged, a given test/ may not
     write_parquet(manifest, OUT, schema=MANIFEST_SCHEMA,
                   metadata={"test_source": info["test_source"]})
@@ -34,6 +36,8 @@ def main() -> None:
         live.log_metric("n_unreadable", int(manifest["read_error"].notna().sum()), plot=False)
         live.log_metric("n_hidden_ignored", info["n_hidden_ignored"], plot=False)
         live.log_metric("n_annotated", info["n_annotated"], plot=False)
+        for key in ("n_dicom", "n_patients", "n_annotated_test_patient"):
+            live.log_metric(key, info[key], plot=False)
         live.log_param("test_source", info["test_source"])
         live.log_param("min_labeled_per_class", minimum)
 

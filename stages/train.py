@@ -16,6 +16,7 @@ from triage.models import (
     fit_semi_supervised,
     fit_weighted,
     make_classifier,
+    ood_reference,
     out_of_fold_proba,
     pseudo_weights,
     save_model,
@@ -74,10 +75,18 @@ def main() -> None:
                                              t["seed"], pseudo_for_fold, groups=groups_lab),
     }
     y_bin = (y_lab == positive).astype(int)
+    # The out-of-distribution reference served with both models: the training vectors
+    # (labelled + pool) and the threshold of their own leave-one-out kNN distance
+    # (triage.models.ood_reference; inference.ood_*).
+    train_rows = rows["split"].isin(["labeled", "unlabeled"]).to_numpy()
+    ood = ood_reference(X[train_rows], params["inference"]["ood_k"],
+                        params["inference"]["ood_quantile"])
     oof_rows = []
     with open_live("train") as live:
         live.log_metric("n_labeled", int(lab.sum()), plot=False)
         live.log_metric("n_pseudo", int(len(pseudo)), plot=False)
+        live.log_metric("ood/threshold", round(ood["threshold"], 6), plot=False)
+        live.log_metric("ood/n_reference", int(len(ood["reference"])), plot=False)
         for name, model in fitted.items():
             threshold = threshold_for_sensitivity(y_bin, oof[name], target)
             m = point_metrics(y_bin, oof[name], threshold)
@@ -86,7 +95,8 @@ def main() -> None:
                         "threshold": float(threshold), "target_sensitivity": float(target),
                         "embedding_fingerprint": fingerprint.get("fingerprint", ""),
                         "n_labeled": int(lab.sum()),
-                        "n_pseudo": int(len(pseudo)) if name == "semi_supervised" else 0},
+                        "n_pseudo": int(len(pseudo)) if name == "semi_supervised" else 0,
+                        "ood": ood},
                        MODELS / f"{name}.skops")
             live.log_metric(f"{name}/threshold", round(threshold, 6), plot=False)
             for key in ("roc_auc", "sensitivity", "specificity"):

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests import the ``triage`` package from the repo root."""
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # DVC / DVCLive isolation for every test process (see tests/test_pipeline.py for repos).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DVCLIVE_TEST", "true")
+# Tests (and the stages and CLIs they start) never append to the user's real audit trail
+# (triage/audit_trail.py); a test that needs one sets its own.
+os.environ["TRIAGE_AUDIT_LOG"] = str(Path(tempfile.mkdtemp(prefix="triage-audit-")) / "audit.jsonl")
 
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 

@@ -203,3 +203,95 @@ def test_batch_cli_out_under_a_file_is_one_clear_line(tiny, tmp_path):
     assert "Traceback" not in res.stderr
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("ERROR")]
     assert len(err) == 1 and f"cannot write {tmp_path / 'some_file' / 'x.csv'}" in err[0]
+
+
+# --------------------------------------------------------------------------- small batches
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """20 distinct images (blobs and smooth shapes, 48-128 px: squashed to the embed size)."""
+    tmp = tmp_path_factory.mktemp("scans")
+    paths = [str(blob_image(tmp / f"b{i:02d}.png", i % 3 == 0, seed=700 + i, size=48 + 8 * (i % 11)))
+             for i in range(14)]
+    paths += [str(F.write_smooth(tmp / f"s{i:02d}.png", seed=800 + i, size=96)) for i in range(6)]
+    return paths
+
+
+def _pipeline_vectors(paths, size):
+    """What the embed stage writes: full batches of 64, the last one padded to 64."""
+    from triage.embed import Embedder
+
+    emb = Embedder("random", seed=42, image_size=size, batch_size=64, device="cpu").fit()
+    emb.small_batches_ = False  # the old path, padding every batch to batch_size
+    return emb.transform(paths)
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_small_batches_give_the_pipelines_bytes(scans, size):
+    """The canonical kernels make a vector independent of its batch size and batch-mates
+    (triage.embed.MIN_BATCH): one image (run at batch 2), 2-13 images with other
+    batch-mates in other orders (run at 2-16), on 2 threads and on 1, give exactly the
+    bytes the pipeline wrote at batch 64."""
+    import torch
+
+    from triage.embed import Embedder
+
+    ref = _pipeline_vectors(scans, size)
+    emb = Embedder("random", seed=42, image_size=size, batch_size=64, device="cpu").fit()
+    assert emb.small_batches_
+    rng = np.random.default_rng(size)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in sorted({1, threads}):
+            torch.set_num_threads(n_threads)
+            for i in (0, 7, 19):
+                assert emb.transform([scans[i]]).tobytes() == ref[i].tobytes()
+            for n in (2, 3, 5, 8, 13):
+                idx = rng.permutation(len(scans))[:n]
+                out = emb.transform([scans[j] for j in idx])
+                assert out.tobytes() == ref[idx].tobytes(), (n_threads, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_batch_of_one_is_not_the_pipelines_bytes(scans):
+    """Why MIN_BATCH is 2: a single-image batch sends ResNet18's small late convolutions to
+    ATen's own kernel instead of oneDNN, which sums in another order. If this starts
+    passing with equal bytes, torch changed its dispatch: re-measure before relying on it."""
+    from triage.embed import Embedder
+
+    ref = _pipeline_vectors(scans[:4], 128)
+    one = Embedder("random", seed=42, image_size=128, batch_size=1, device="cpu").fit()
+    assert one.run_size(1) == 1
+    out = one.transform(scans[:4])
+    assert not np.array_equal(out, ref)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)  # the same vectors, other last bits
+
+
+def test_run_sizes_and_where_small_batches_are_not_used():
+    from triage.embed import Embedder
+
+    emb = Embedder("random", image_size=32, batch_size=64, device="cpu").fit()
+    assert [emb.run_size(n) for n in (1, 2, 3, 5, 17, 63, 64)] == [2, 2, 4, 8, 32, 64, 64]
+    assert Embedder("random", image_size=32, batch_size=48, device="cpu").fit().run_size(33) == 48
+    # not proven batch-independent: every batch padded to batch_size, as before
+    for kw in ({"kernels": "fast"}, {"precision": "bf16"}, {"backbone": "resnet34"}):
+        other = Embedder("random", image_size=32, batch_size=64, device="cpu", **kw).fit()
+        assert not other.small_batches_ and other.run_size(1) == 64, kw
+
+
+def test_workers_only_for_long_calls_and_they_persist(scans):
+    """At most one batch decodes in the main process (no worker start-up per request);
+    longer calls go through DataLoader workers that stay up for the next call; the same
+    bytes either way."""
+    from triage.embed import Embedder
+
+    emb = Embedder("random", seed=42, image_size=32, batch_size=4, num_workers=2,
+                   device="cpu").fit()
+    ref = _pipeline_vectors(scans, 32)
+    assert emb.transform(scans[:4]).tobytes() == ref[:4].tobytes()
+    assert emb._loader is None  # one batch: no workers started
+    assert emb.transform(scans[:10]).tobytes() == ref[:10].tobytes()
+    workers = [w.pid for w in emb._loader._iterator._workers]
+    assert len(workers) == 2
+    assert emb.transform(scans[5:]).tobytes() == ref[5:].tobytes()
+    assert [w.pid for w in emb._loader._iterator._workers] == workers  # the same processes

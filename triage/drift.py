@@ -266,6 +266,19 @@ def _verdict(res: dict, batch_name: str) -> str:
     return box
 
 
+def _ood_line(res: dict) -> list[str]:
+    """One line: how many batch images the served model's per-image out-of-distribution
+    check flags (``res["ood"]``, set by the drift stage when the bundle has a reference)."""
+    o = res.get("ood")
+    if not o:
+        return []
+    share = o["count"] / o["n"] if o["n"] else 0.0
+    return [f"<p class='ood'><b>Out of distribution: {plural(o['count'], 'batch image')} of "
+            f"{o['n']} ({share:.1%})</b>, farther from the training images (mean distance to "
+            f"the {o['k']} nearest) than {o['quantile']:.0%} of the training images are from "
+            f"each other: the model answers them with needs_review.</p>"]
+
+
 def _signal_rows(res: dict) -> list[list]:
     """signal, statistic, p, significant: the embedding family, image statistics, prediction."""
     emb_alpha = res.get("embedding_alpha", res["alpha"] / 2)
@@ -368,6 +381,7 @@ def render_html(res: dict, *, batch_name: str, Z_ref=None, Z_new=None, stats_ref
     ``typical_paths`` (captions); ``typical_split``: the split they come from."""
     body = [page_head("Drift report", CSS) + f"<h1>Drift report: {escape(batch_name)}</h1>",
             _verdict(res, batch_name)]
+    body += _ood_line(res)
     body += _intro(res, qc_failed, n_files)
     body += ["<h2>Signals</h2>", table(["signal", "statistic", "p", f"significant (α={res['alpha']})"],
                                        _signal_rows(res), num_class=NUM_CLASS)]

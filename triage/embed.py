@@ -50,6 +50,19 @@ CANONICAL_ONEDNN_ISA = "AVX512_CORE"
 FMA_ONEDNN_ISAS = ("AVX2", "AVX512_CORE")  # the kernel families CANONICAL_CPU admits
 KERNELS = spec("embed.kernels").choices
 CROPS = spec("embed.crop").choices
+# Batch shapes. The canonical kernels compute each image of a batch on its own: oneDNN's
+# avx512_core and avx2 convolutions give an image the same bits in a batch of 2 or of 64,
+# whatever its batch-mates and the thread count (measured for resnet18 at 32-224 px,
+# batches 2-64, 1, 2, 7 and 16 threads; tests/test_inference.py asserts it). A batch of
+# ONE is different: ATen then sends convolutions whose input holds at most 20,480 values
+# (ResNet18's last blocks below ~200 px) to its own im2col + BLAS kernel instead of oneDNN
+# (ConvParams::use_mkldnn: "input.size(0) > 1 || N*C*H*W > 20480"), which sums in another
+# order (max |diff| ~1e-6). So a canonical resnet18 embedder runs a short batch at the
+# next power of two, at least MIN_BATCH. Every other path pads to batch_size, as before:
+# fast and bf16 kernels are oneDNN's per-CPU pick, CUDA's cuDNN's per-shape pick, and other
+# backbones may take other routes (ATen sends 1x1 stride-1 convolutions to its own kernel
+# below batch 16 on one thread; Linear layers go through a GEMM): none proven independent.
+MIN_BATCH = 2
 
 
 def preprocess_text(image_size: int, interpolation: str = "bilinear",
@@ -89,12 +102,14 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
         import torch
 
         from .images import load_grey
 
-        grey = load_grey(self.paths[i])
+        # an index into ``paths``, or a path itself (the embedder's reusable loader samples
+        # the paths of each call: its persistent workers hold no list of their own)
+        grey = load_grey(i if isinstance(i, str) else self.paths[i])
         scale = resize_plan(self.image_size, self.crop_pct)
         if grey.size != (scale, scale):
             grey = grey.resize((scale, scale), pil_resample(self.interpolation))
@@ -261,13 +276,30 @@ def fingerprint(weights_info: dict, image_size: int, precision: str,
     return record
 
 
+class _CallPaths:
+    """Sampler of a persistent DataLoader: the paths of the current call. It is iterated in
+    the main process at each new pass, so one loader (and its worker processes) serves
+    every call of an embedder."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 class Embedder:
     """Batched frozen-backbone embedding (scikit-learn style ``transform`` over image paths).
 
     ``backbone``: a torchvision classification model or ``timm:<name>`` (embed.backbone);
     ``crop``: ``none`` (the whole image resized to ``image_size``) or ``model`` (the
     model's own centre crop). After ``fit``: ``feature_dim_`` (read from the model by a
-    forward pass), ``preprocess_`` (the model's config) and ``fingerprint_``.
+    forward pass), ``preprocess_`` (the model's config), ``fingerprint_`` and
+    ``small_batches_`` (a short batch runs at :meth:`run_size`, not padded to
+    ``batch_size``: only where that gives the same bits, see :data:`MIN_BATCH`).
     """
 
     def __init__(self, weights: str = "random", *, backbone: str = DEFAULT_BACKBONE,
@@ -309,46 +341,93 @@ class Embedder:
             log.warning("embed: embed.kernels: canonical is measured bit-identical across "
                         "AVX2/AVX-512 CPUs for %s only; %s runs through the same capped "
                         "oneDNN, unmeasured", DEFAULT_BACKBONE, self.backbone)
+        # short batches may run at a smaller shape only where that is proven to give the same
+        # bits (see MIN_BATCH); elsewhere a vector could depend on its batch-mates
+        self.small_batches_ = (self.kernels_ == CANONICAL_CPU and self.backbone == DEFAULT_BACKBONE)
+        self._loader = None
         self.fingerprint_ = fingerprint(info, self.image_size, self.precision_, self.kernels_,
                                         backbone=self.backbone, feature_dim=self.feature_dim_,
                                         preprocess=pre, crop_pct=self.crop_pct_,
                                         fused_batchnorm=fused)
         return self
 
-    def iter_batches(self, paths: list[str]) -> Iterator[np.ndarray]:
-        """Yield float32 (batch, feature_dim_) arrays in input order."""
-        import torch
+    def run_size(self, n: int) -> int:
+        """The batch shape ``n`` (<= batch_size) images are run at: batch_size, or with
+        ``small_batches_`` the next power of two, at least :data:`MIN_BATCH` (the same bits:
+        an image's vector does not depend on the batch it ran in)."""
+        if not getattr(self, "small_batches_", False):
+            return self.batch_size
+        return min(self.batch_size, max(MIN_BATCH, 1 << (max(n, 1) - 1).bit_length()))
+
+    def _batches(self, paths: list[str]):
+        """uint8 (n, H, W) batches of ``paths`` in order. A call of at most one batch decodes
+        in this process (workers would only add their start-up: there is nothing to overlap
+        with); a longer one through DataLoader workers that persist between calls."""
         from torch.utils.data import DataLoader
 
         workers = (os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
-        dataset = ImageDataset(paths, self.image_size, self.preprocess_.interpolation,
-                               self.crop_pct_)
-        loader = DataLoader(dataset, batch_size=self.batch_size,
-                            shuffle=False, num_workers=workers,
-                            persistent_workers=False, pin_memory=self.device_ == "cuda")
+        if workers == 0 or len(paths) <= self.batch_size:
+            dataset = ImageDataset(paths, self.image_size, self.preprocess_.interpolation,
+                                   self.crop_pct_)
+            yield from DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                                  num_workers=0, pin_memory=self.device_ == "cuda")
+            return
+        if getattr(self, "_loader", None) is None:
+            self._sampler = _CallPaths()
+            # the workers' copy of the dataset holds no paths: the sampler hands them out
+            self._loader = DataLoader(ImageDataset([], self.image_size,
+                                                   self.preprocess_.interpolation,
+                                                   self.crop_pct_),
+                                      batch_size=self.batch_size,
+                                      sampler=self._sampler, num_workers=workers,
+                                      persistent_workers=True,
+                                      pin_memory=self.device_ == "cuda")
+        self._sampler.paths = [str(p) for p in paths]
+        yield from self._loader
+
+    def iter_batches(self, paths: list[str]) -> Iterator[np.ndarray]:
+        """Yield float32 (batch, feature_dim_) arrays in input order."""
+        import torch
+
         # the model's own mean/std, per channel of the replicated greyscale image
         mean = torch.tensor(self.preprocess_.mean, device=self.device_).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess_.std, device=self.device_).view(1, 3, 1, 1)
         dtype = torch.bfloat16 if self.precision_ == "bf16" else None
-        size = (self.batch_size, 3, self.image_size, self.image_size)
+        buffer = None
         with torch.inference_mode():
-            # one channels-last input buffer, normalised in place: the same bits as
-            # ((x - mean) / std).contiguous(channels_last), at half the memory traffic
-            x = torch.empty(size, device=self.device_).contiguous(memory_format=torch.channels_last)
-            for batch in loader:
+            for batch in self._batches(paths):
                 n = len(batch)
-                if n < self.batch_size:
-                    # Pad the last batch to full size: CPU kernels may pick another
-                    # algorithm for other batch shapes (batch 1 differs in the last bits),
-                    # and a vector must not depend on which images shared its batch, or
-                    # incremental runs would not reproduce a fresh run byte for byte.
-                    pad = batch[-1:].expand(self.batch_size - n, *batch.shape[1:])
+                size = self.run_size(n)
+                if n < size:
+                    # Pad a short batch (the repeated last image) to its run size: kernels
+                    # may pick another algorithm for other batch shapes (batch 1 differs in
+                    # the last bits; MIN_BATCH), and a vector must not depend on which images
+                    # shared its batch, or a served image, or an incremental run, would not
+                    # reproduce the pipeline's vectors byte for byte.
+                    pad = batch[-1:].expand(size - n, *batch.shape[1:])
                     batch = torch.cat([batch, pad])
+                if buffer is None or len(buffer) < size:
+                    # one channels-last input buffer, normalised in place: the same bits as
+                    # ((x - mean) / std).contiguous(channels_last), at half the memory traffic
+                    buffer = torch.empty((size, 3, self.image_size, self.image_size),
+                                         device=self.device_).contiguous(
+                                             memory_format=torch.channels_last)
+                x = buffer[:size]  # leading rows of an NHWC tensor: still channels-last
                 grey = batch.to(self.device_, non_blocking=True).unsqueeze(1).float().div_(255.0)
                 torch.sub(grey.expand(-1, 3, -1, -1), mean, out=x).div_(std)
                 with torch.autocast(self.device_, dtype=dtype, enabled=dtype is not None):
                     out = self.model_(x)
                 yield out[:n].float().cpu().numpy()
+
+    def warm_up(self) -> None:
+        """One forward pass at the shape a single image runs at, so that the first request
+        of a server does not pay oneDNN's kernel generation for it."""
+        import torch
+
+        size = self.run_size(1)
+        x = torch.zeros((size, 3, self.image_size, self.image_size), device=self.device_)
+        with torch.inference_mode():
+            self.model_(x.contiguous(memory_format=torch.channels_last))
 
     def transform(self, paths: list[str]) -> np.ndarray:
         chunks = list(self.iter_batches(paths))

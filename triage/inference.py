@@ -1,4 +1,5 @@
-"""Inference on new images: QC, embedding with the model's exact fingerprint, prediction.
+"""Inference on new images: QC, embedding with the model's exact fingerprint, prediction,
+out-of-distribution check (the bundle's reference of training vectors, triage.models).
 
 Used by the batch CLI (``scripts/predict.py``), the API (``triage.api``) and the drift
 stage. The embedder is rebuilt from the fingerprint stored with the training embeddings
@@ -25,7 +26,7 @@ from .qc import Measured, check_image, inspect_image  # the qc stage's own rules
 from .store import describe, read_fingerprint
 
 PREDICTION_COLUMNS = ["id", "path", "probability", "decision", "needs_review", "qc_status",
-                      "qc_detail"]
+                      "qc_detail", "ood"]
 FINGERPRINT_FIELDS = ("backbone", "source", "weights", "weights_seed", "weights_sha256",
                       "image_size", "feature_dim", "input_size", "interpolation", "crop_pct",
                       "mean", "std", "precision", "kernels", "preprocess", "fused_batchnorm",
@@ -187,6 +188,8 @@ class Predictor:
         self.review_margin = float(review_margin)
         self.threshold = float(bundle["threshold"])
         self.positive = str(bundle["positive_class"])
+        # the out-of-distribution reference fitted by the train stage (None: an older bundle)
+        self.ood = bundle.get("ood") or None
         classes = [str(c) for c in bundle.get("classes", [])]
         others = [c for c in classes if c != self.positive]
         self.negative = others[0] if others else f"not_{self.positive}"
@@ -208,12 +211,24 @@ class Predictor:
         bundle = load_model(model_path)
         emb = build_embedder(bundle["embedding_fingerprint"], params["embed"],
                              stored_fingerprint(embeddings_path), **embed_overrides)
+        if not bundle.get("ood"):
+            log.warning("predict: the model bundle has no out-of-distribution reference (trained "
+                        "before it existed): ood is left empty; retrain (`dvc repro train`)")
+        emb.warm_up()  # a server's first image does not pay oneDNN's kernel generation
         return cls(bundle, emb, qc=params["qc"], review_margin=params["inference"]["review_margin"])
 
     def probabilities(self, X: np.ndarray) -> np.ndarray:
         from .models import positive_proba
 
         return positive_proba(self.bundle["model"], X, self.positive)
+
+    def ood_flags(self, X: np.ndarray) -> np.ndarray | None:
+        """Out of distribution per row of ``X``: the mean distance to its ``k`` nearest
+        training vectors above the bundle's threshold (triage.models.knn_distance); None
+        when the bundle has no reference."""
+        from .models import ood_flags
+
+        return ood_flags(self.ood, X)
 
     def predict_paths(self, paths: list[str], shown_paths: list[str] | None = None) -> pd.DataFrame:
         """QC → embed (QC-passed only) → probability, decision, needs_review per image."""
@@ -230,8 +245,13 @@ class Predictor:
         ok = np.array([q["qc_status"] == "ok" for q in qc], dtype=bool)
         X = self.embedder.transform([str(p) for p, good in zip(paths, ok) if good])
         proba = np.full(len(paths), np.nan)
+        ood: list = [None] * len(paths)  # None: not embedded (QC failed) or no reference
         if ok.any():
             proba[ok] = self.probabilities(X)
+            flags = self.ood_flags(X)
+            if flags is not None:
+                for i, flag in zip(np.flatnonzero(ok), flags):
+                    ood[i] = bool(flag)
         rows = []
         for i, q in enumerate(qc):
             p = proba[i]
@@ -240,12 +260,14 @@ class Predictor:
                 "id": q["id"], "path": shown[i],
                 "probability": round(float(p), 6) if scored else None,
                 "decision": (self.positive if p >= self.threshold else self.negative) if scored else None,
-                "needs_review": bool((not scored) or abs(p - self.threshold) <= self.review_margin),
-                "qc_status": q["qc_status"], "qc_detail": q["qc_detail"],
+                # far from every training image: its probability means nothing, a human looks
+                "needs_review": bool((not scored) or ood[i] is True
+                                     or abs(p - self.threshold) <= self.review_margin),
+                "qc_status": q["qc_status"], "qc_detail": q["qc_detail"], "ood": ood[i],
             })
         df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
-        log.info("predict: %d images, %d passed QC, %d need review", len(df), int(ok.sum()),
-                 int(df["needs_review"].sum()))
+        log.info("predict: %d images, %d passed QC, %d out of distribution, %d need review",
+                 len(df), int(ok.sum()), sum(o is True for o in ood), int(df["needs_review"].sum()))
         return df, X
 
 

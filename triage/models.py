@@ -161,6 +161,60 @@ def positive_proba(model, X, positive: str) -> np.ndarray:
     return snap_relative(proba[:, classes.index(positive)])
 
 
+# --------------------------------------------------------------------------- OOD reference
+# A bundle's ``ood`` field: what the per-image out-of-distribution check needs at serving
+# time, fitted by the train stage on the training vectors (labelled + pool).
+OOD_STATISTIC = "mean Euclidean distance to the k nearest training vectors (embedding space)"
+OOD_BLOCK = 8  # query rows per distance block: 8 x 1,506 x 512 float64 differences = 49 MB
+
+
+def knn_distance(X, reference, k: int, *, leave_one_out: bool = False) -> np.ndarray:
+    """Mean Euclidean distance of each row of ``X`` to its ``k`` nearest rows of
+    ``reference`` (with ``leave_one_out``, ``X`` *is* the reference and a row's own
+    distance is left out), snapped to 16 significant bits.
+
+    Canonical without BLAS: float64 differences, squares and sums along a row (NumPy's
+    fixed-order elementwise ops and reductions, as triage.select does), the k smallest
+    sorted before their mean; snapped per value (``snap_relative``), so a value does not
+    depend on the other rows of ``X`` (one served image or a batch: the same bits)."""
+    X = np.asarray(X, dtype=np.float64)
+    R = np.asarray(reference, dtype=np.float64)
+    k = int(min(k, len(R) - (1 if leave_one_out else 0)))
+    if len(X) == 0 or k < 1:
+        return np.full(len(X), np.nan)
+    out = np.empty(len(X))
+    for start in range(0, len(X), OOD_BLOCK):
+        D = ((X[start:start + OOD_BLOCK, None, :] - R[None]) ** 2).sum(-1)
+        if leave_one_out:
+            rows = np.arange(len(D))
+            D[rows, start + rows] = np.inf
+        nearest = np.sort(np.partition(D, k - 1, axis=1)[:, :k], axis=1)
+        out[start:start + OOD_BLOCK] = np.sqrt(nearest).mean(1)
+    return snap_relative(out)
+
+
+def ood_reference(X_train, k: int, quantile: float) -> dict:
+    """The bundle's ``ood`` field: the training vectors themselves (float32, as embedded:
+    a PCA copy would be blind to exactly the directions the training images do not span)
+    and the threshold, the ``quantile`` of the same statistic over the training vectors,
+    each left out of its own neighbours."""
+    R = np.ascontiguousarray(X_train, dtype=np.float32)
+    if len(R) < 2:
+        raise PipelineError("ood: the training set needs at least 2 images for a reference")
+    loo = knn_distance(R, R, k, leave_one_out=True)
+    threshold = float(snap_relative([np.quantile(loo, quantile)])[0])
+    return {"reference": R, "k": int(min(k, len(R) - 1)), "quantile": float(quantile),
+            "threshold": threshold, "statistic": OOD_STATISTIC}
+
+
+def ood_flags(ood: dict | None, X) -> np.ndarray | None:
+    """True for each row of ``X`` farther from the training vectors than the bundle's
+    threshold (``ood`` is a bundle's ``ood`` field); None for a bundle without one."""
+    if not ood:
+        return None
+    return knn_distance(X, ood["reference"], ood["k"]) > float(ood["threshold"])
+
+
 def _canonical_skops(data: bytes) -> bytes:
     """Rewrite a skops archive so identical models give identical bytes.
 

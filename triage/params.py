@@ -122,6 +122,22 @@ class PercentList(Spec):
         if len({round(100 * v) for v in value}) != len(value):
             raise ParamsError(f"params: '{key}' lists a target twice, got {value!r}")
 
+
+class Window(Spec):
+    """``null`` or ``[center, width]`` (numbers, width >= 1, as PS3.3's linear window needs):
+    a fixed DICOM VOI window for every file. Only ``deid.window``."""
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None:
+            return
+        if not isinstance(value, list) or len(value) != 2:
+            raise ParamsError(f"params: '{key}' must be null or [center, width] (e.g. [40, 400]), "
+                              f"got {type(value).__name__} {value!r}")
+        Spec(NUM).check(f"{key}[0]", value[0])
+        Spec(NUM).check(f"{key}[1]", value[1])
+        if value[1] < 1:
+            raise ParamsError(f"params: '{key}[1]' (the width) must be >= 1, got {value[1]!r}")
+
 # The single source of truth for which keys exist. Adding a param = add it here and
 # in params.yaml (tests check both agree).
 SCHEMA: dict[str, Any] = {
@@ -141,6 +157,14 @@ SCHEMA: dict[str, Any] = {
             "difficulty": Spec(NUM, min=0.1, max=5.0),
             "benign_mass_rate": Spec(NUM, min=0.0, max=1.0),
         },
+    },
+    "deid": {  # DICOM de-identification (stage deid, docs/privacy.md); the key is never a param
+        "window": Window((list,), nullable=True),
+        "multi_frame": Spec(STR, choices=("middle", "first", "quarantine")),
+        "burned_in": Spec(STR, choices=("quarantine", "mask", "keep")),
+        "mask_border_px": Spec(INT, min=0),
+        "dates": Spec(STR, choices=("shift", "remove")),
+        "reid_table": Spec(STR, nullable=True),  # a path outside the repository, or null
     },
     "qc": {
         "min_side": Spec(INT, min=1),
@@ -272,7 +296,17 @@ SCHEMA: dict[str, Any] = {
     "inference": {
         "model": Spec(STR),
         "review_margin": Spec(NUM, min=0.0, max=0.5),
+        "ood_k": Spec(INT, min=1),  # OOD reference (train stage, kept in the bundle)
+        "ood_quantile": Spec(NUM, min=0.5, max=1.0),
         "max_upload_mb": Spec(NUM, min=0.001),
+        "rate_limit_per_minute": Spec(INT, min=1),
+        "max_concurrent": Spec(INT, min=1),
+        "audit_log": Spec(STR),  # "" = $TRIAGE_AUDIT_LOG or the default outside the repo
+        "audit_probability": Spec(BOOL),
+        "audit_max_bytes": Spec(INT, min=1024),
+        "audit_keep": Spec(INT, min=1, max=1000),
+        "retention_days": Spec(NUM, min=0.0),
+        "predictions_dir": Spec(STR),
     },
     "drift": {
         "batch": Spec(STR),  # "" = the test split
@@ -297,6 +331,8 @@ def _get(params: dict, dotted: str) -> Any:
 CROSS_RULES: tuple = (
     ("cluster.k_min", "cluster.k_max", lambda lo, hi: lo <= hi,
      "cluster.k_min must be <= cluster.k_max (the k: auto sweep range)"),
+    ("deid.burned_in", "deid.mask_border_px", lambda rule, px: rule != "mask" or px > 0,
+     "deid.burned_in: mask needs deid.mask_border_px > 0 (a 0-pixel border masks nothing)"),
 )
 
 

@@ -5,9 +5,13 @@ Layout (``data.source: folder``; the demo generator writes the same layout)::
     <root>/labeled/<class>/**     class names from folder names
     <root>/unlabeled/**
     <root>/test/<class>/**        optional; else a seeded stratified split of labeled
+    <root>/patients.csv           optional; path,patient: one patient's images stay on one side
 
 Every file found becomes a manifest row, even when it cannot be read: QC decides what
 to quarantine, so ``files found == passed + quarantined`` can be checked downstream.
+DICOM files (DICM preamble, any extension) are not read here: the ``deid`` stage
+(:mod:`triage.ingest`) de-identified them into ``data/deid/``, and their rows come from its
+index (pseudonymous path and patient; a rejected file keeps its reason as ``read_error``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("bytes", pa.int64()),
     ("format", pa.string()),      # format from the file header (PNG, JPEG, ...)
     ("read_error", pa.string()),  # why the file could not be read or identified; null if fine
+    ("patient", pa.string()),     # patient pseudonym (DICOM) or patients.csv; null = unknown (own group)
 ])
 
 
@@ -116,10 +121,12 @@ def describe_file(path: Path, root: Path | None = None, links_outside_root: str 
     except Image.DecompressionBombError:
         row["read_error"] = "decompression_bomb"
     except Exception as exc:  # noqa: BLE001 - any header failure is data, not a crash
-        if is_dicom(data):
-            row["read_error"] = ("dicom_not_supported: a DICOM file (DICM preamble); DICOM "
-                                 "ingestion with de-identification is not built yet: export it "
-                                 "as PNG or TIFF, or keep it out of the layout")
+        if is_dicom(data):  # the pipeline's deid stage de-identifies DICOM before prepare;
+            # a DICOM reaching this point (inference, a library call) is not read
+            row["read_error"] = ("dicom_not_supported: a DICOM file (DICM preamble) outside the "
+                                 "pipeline's deid stage, which de-identifies DICOM in the input "
+                                 "layout (docs/privacy.md): put it in the layout, or export it "
+                                 "as PNG or TIFF")
         else:
             row["read_error"] = f"not_an_image: {type(exc).__name__}"
     return row
@@ -128,6 +135,22 @@ def describe_file(path: Path, root: Path | None = None, links_outside_root: str 
 def is_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: 128-byte preamble then ``DICM`` (any extension)."""
     return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def dicom_in_layout(path: Path, root: Path | None = None, links_outside_root: str = "follow") -> bool:
+    """A file of the layout that the deid stage de-identifies (and prepare then does not
+    read): a DICOM preamble, readable, and not a link ``links_outside_root`` keeps out
+    (those stay prepare's ``broken_link`` / ``link_outside_root`` / ``unreadable`` rows).
+    The one rule for both stages, so they always agree on which files are DICOM."""
+    if not os.path.exists(path):
+        return False
+    if root is not None and links_outside_root == "quarantine" and _outside(path, root):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return is_dicom(fh.read(132))
+    except OSError:
+        return False
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -139,29 +162,53 @@ def _class_dirs(folder: Path) -> list[Path]:
     return classes
 
 
+def _refuse_loose(folder: Path, names: list[str]) -> None:
+    # a file outside <class>/ has no label: refuse rather than drop it silently. DICOM file
+    # names are counted, never shown (they often carry a patient's name or number).
+    dicom = [n for n in names if dicom_in_layout(folder / n)]
+    shown = [n for n in names if n not in dicom]
+    what = (f"{shown[:5]}" if shown else "") + (
+        f"{' and ' if shown else ''}{len(dicom)} DICOM file{'s' * (len(dicom) != 1)}" if dicom else "")
+    raise DataError(f"files directly in {folder} have no class folder: {what} "
+                    f"(move them into {folder}/<class>/)")
+
+
 def _scan_classes(folder: Path, split: str, root: Path | None = None,
-                  links_outside_root: str = "follow") -> tuple[list[dict], int]:
-    rows, hidden = [], 0
+                  links_outside_root: str = "follow",
+                  skip_dicom: bool = False) -> tuple[list[dict], int, list[tuple]]:
+    """Rows of ``folder/<class>/**``, hidden files counted, and (split, label) of each
+    DICOM file left to the deid index (``skip_dicom``)."""
+    rows, hidden, dicom = [], 0, []
     classes = _class_dirs(folder)
     loose = sorted(p.name for p in folder.iterdir() if not p.is_dir())
     hidden += sum(name.startswith(".") for name in loose)
     loose = [name for name in loose if not name.startswith(".")]
-    if loose:  # a file outside <class>/ has no label: refuse rather than drop it silently
-        raise DataError(f"files directly in {folder} have no class folder: {loose[:5]} "
-                        f"(move them into {folder}/<class>/)")
+    if loose:
+        _refuse_loose(folder, loose)
     for cls_dir in classes:
         files, h = list_files(cls_dir)
         hidden += h
         if not files:
             raise DataError(f"empty class folder: {cls_dir} (remove it or add images)")
         for f in files:
+            if skip_dicom and dicom_in_layout(f, root, links_outside_root):
+                dicom.append((split, cls_dir.name))
+                continue
             rows.append({**describe_file(f, root, links_outside_root), "split": split,
                          "label": cls_dir.name})
-    return rows, hidden
+    return rows, hidden, dicom
 
 
-def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of rows moved to test: the same fraction of each class, seeded."""
+def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int,
+                          groups: pd.Series | None = None, blocked=()) -> np.ndarray:
+    """Boolean mask of rows moved to test: the same fraction of each class, seeded.
+
+    ``groups`` (the rows' patients; null = an image of its own): every image of a patient
+    lands on the same side, and a patient in ``blocked`` (one with pool images) stays out
+    of test. Without any patient the split is the one it always was (same seed, same rows).
+    """
+    if groups is not None and pd.Series(groups).notna().any():
+        return _grouped_test_split(labels, test_fraction, seed, pd.Series(groups), set(blocked))
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
     for cls in sorted(labels.unique()):
@@ -172,6 +219,47 @@ def stratified_test_split(labels: pd.Series, test_fraction: float, seed: int) ->
                 f"class '{cls}' has {len(idx)} labelled images: too few to split "
                 f"test_fraction={test_fraction} (add data/raw/test/<class>/ or more images)")
         mask[rng.choice(idx, size=n_test, replace=False)] = True
+    return mask
+
+
+def _grouped_test_split(labels: pd.Series, test_fraction: float, seed: int, groups: pd.Series,
+                        blocked: set) -> np.ndarray:
+    """Group-aware version of :func:`stratified_test_split`: per class (sorted), the
+    patients whose most frequent label it is (ties: the first class) are drawn in a seeded
+    order and moved whole to test while that brings the class's test count nearer its
+    target (round(n x test_fraction)); images without a patient are groups of one."""
+    y = labels.to_numpy()
+    g = np.array([p if isinstance(p, str) else f"\0{i}" for i, p in enumerate(groups)], dtype=object)
+    classes = sorted(labels.unique())
+    members: dict[str, np.ndarray] = {k: np.flatnonzero(g == k) for k in sorted(set(g))}
+    primary = {}
+    for k, idx in members.items():
+        counts = pd.Series(y[idx]).value_counts()
+        primary[k] = min(c for c in counts.index if counts[c] == counts.max())
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for cls in classes:
+        n_cls = int((y == cls).sum())
+        target = int(round(n_cls * test_fraction))
+        cand = [k for k in members if primary[k] == cls and k not in blocked]
+        taken = int((mask & (y == cls)).sum())
+        for pos in rng.permutation(len(cand)):
+            if taken >= target:
+                break
+            idx = members[cand[pos]]
+            size = int((y[idx] == cls).sum())
+            if taken + size - target > target - taken:
+                continue  # overshooting by more than stopping short: try a smaller patient
+            mask[idx] = True
+            taken += size
+    for cls in classes:
+        n_test, n_cls = int((mask & (y == cls)).sum()), int((y == cls).sum())
+        if n_test < 1 or n_test >= n_cls:
+            raise DataError(
+                f"class '{cls}' has {n_cls} labelled images: the patient-level split "
+                f"(test_fraction={test_fraction}, each patient's images on one side, a patient "
+                f"with pool images never in test) leaves {n_test} of them for test; add "
+                f"data/raw/test/<class>/ or more patients")
     return mask
 
 
@@ -230,7 +318,9 @@ def check_labeled_counts(df: pd.DataFrame, classes: list[str], minimum: int, why
 
 def build_manifest(root: str | Path, positive_class: str, test_fraction: float, seed: int,
                    annotations: str | Path | None = None, links_outside_root: str = "follow",
-                   min_per_class: int = 1, min_per_class_why: str = "") -> tuple[pd.DataFrame, dict]:
+                   min_per_class: int = 1, min_per_class_why: str = "",
+                   deid_index: str | Path | None = None,
+                   patients: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Scan ``root`` and return (manifest, info). Structural problems raise DataError.
 
     ``links_outside_root`` (``data.links_outside_root``): ``follow`` reads a file reached
@@ -241,12 +331,19 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
 
     ``annotations``: optional labels file (see :func:`merge_annotations`), applied after
     the test split so new labels only ever enlarge the training set.
+
+    ``deid_index`` (the deid stage's ``data/deid/index.parquet``): DICOM files of the
+    layout are not read; the index's rows (de-identified PNGs, rejected files with their
+    reason) stand in for them, and their counts per split and class must match the layout.
+    Without it a DICOM file is a ``dicom_not_supported`` row. ``patients``: optional
+    ``path,patient`` CSV for the other images (:func:`read_patients`).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (set data.root or data.source: demo)")
-    rows, hidden = _scan_classes(root / "labeled", "labeled", root, links_outside_root)
-    classes = sorted({r["label"] for r in rows})
+    skip = deid_index is not None
+    rows, hidden, dicom = _scan_classes(root / "labeled", "labeled", root, links_outside_root, skip)
+    classes = sorted({r["label"] for r in rows} | {label for _, label in dicom})
     if positive_class not in classes:
         raise DataError(f"positive class '{positive_class}' (data.positive_class) not among the "
                         f"class folders of {root / 'labeled'}: {classes}")
@@ -258,31 +355,50 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     if unlabeled.is_dir():
         files, h = list_files(unlabeled)
         hidden += h
-        rows += [{**describe_file(f, root, links_outside_root), "split": "unlabeled", "label": None}
-                 for f in files]
+        for f in files:
+            if skip and dicom_in_layout(f, root, links_outside_root):
+                dicom.append(("unlabeled", None))
+                continue
+            rows.append({**describe_file(f, root, links_outside_root), "split": "unlabeled",
+                         "label": None})
 
     test_dir = root / "test"
     labeled_df = None
     if test_dir.is_dir():
-        test_rows, h = _scan_classes(test_dir, "test", root, links_outside_root)
+        test_rows, h, test_dicom = _scan_classes(test_dir, "test", root, links_outside_root, skip)
         hidden += h
-        extra = sorted({r["label"] for r in test_rows} - set(classes))
+        dicom += test_dicom
+        extra = sorted(({r["label"] for r in test_rows} | {label for _, label in test_dicom})
+                       - set(classes))
         if extra:
             raise DataError(f"test classes {extra} in {test_dir} are not labelled classes {classes}")
         rows += test_rows
         test_source = "folder"
     else:
         test_source = "split"
+    n_deid = 0
+    if skip:
+        deid_rows = deid_manifest_rows(deid_index, dicom)
+        n_deid = len(deid_rows)
+        rows += deid_rows
     df = pd.DataFrame(rows, columns=[f.name for f in MANIFEST_SCHEMA])
+    df["patient"] = df["patient"].astype(object)
+    if patients is not None and Path(patients).is_file():
+        df = apply_patients(df, patients, root, dicom_rows=range(len(df) - n_deid, len(df)))
     if test_source == "split":
         labeled_df = df["split"] == "labeled"
-        mask = stratified_test_split(df.loc[labeled_df, "label"], test_fraction, seed)
+        pool_patients = df.loc[df["split"] == "unlabeled", "patient"].dropna()
+        mask = stratified_test_split(df.loc[labeled_df, "label"], test_fraction, seed,
+                                     groups=df.loc[labeled_df, "patient"],
+                                     blocked=set(pool_patients))
         df.loc[df.index[labeled_df][mask], "split"] = "test"
     if df.empty:
         raise DataError(f"no images found under {root}")
-    n_annotated = n_already = 0
+    n_annotated = n_already = n_ann_test_patient = 0
     if annotations is not None and Path(annotations).is_file():
+        before = df["split"].copy()
         df, n_annotated, n_already = merge_annotations(df, annotations, classes, root)
+        n_ann_test_patient = annotated_with_test_patient(df, before)
     check_labeled_counts(df, classes, min_per_class, min_per_class_why)
     order = {s: i for i, s in enumerate(("labeled", "unlabeled", "test"))}
     df = df.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
@@ -291,8 +407,118 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
         df[col] = df[col].astype("Int64")
     info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": hidden,
             "negative_class": next(c for c in classes if c != positive_class),
-            "n_annotated": n_annotated, "n_annotations_already_labeled": n_already}
+            "n_annotated": n_annotated, "n_annotations_already_labeled": n_already,
+            "n_annotated_test_patient": n_ann_test_patient, "n_dicom": n_deid,
+            "n_patients": int(df["patient"].nunique())}
     return df, info
+
+
+# --------------------------------------------------------------------------- DICOM (deid index)
+def deid_manifest_rows(index: str | Path, dicom: list[tuple]) -> list[dict]:
+    """Manifest rows for the DICOM files of the layout, from the deid stage's index.
+
+    A de-identified image is described like any file (its id is the sha256 of the PNG
+    bytes); a rejected one becomes a row with its pseudonymous stand-in path and
+    ``read_error`` = ``reason: detail``, which QC quarantines. ``dicom`` holds the
+    (split, label) of every DICOM file prepare found: the index must have the same counts,
+    else it was made from another data.root (a DataError says to run the deid stage).
+    """
+    path = Path(index)
+    if not path.is_file():
+        if dicom:
+            raise DataError(f"{len(dicom)} DICOM files in the layout but no {path}: the deid "
+                            f"stage de-identifies them first (`dvc repro` runs it)")
+        return []
+    import pyarrow.parquet as pq
+
+    idx = pq.read_table(path).to_pandas()
+    found = pd.Series([f"{s}/{lbl}" for s, lbl in dicom], dtype=object).value_counts()
+    listed = (idx["split"] + "/" + idx["label"].fillna("None")).value_counts() if len(idx) else found[:0]
+    if not found.sort_index().equals(listed.sort_index()):
+        raise DataError(f"{path} lists {len(idx)} DICOM files, the layout has {len(dicom)} (or "
+                        f"they are in other folders): it was made from other data; run the deid "
+                        f"stage again (`dvc repro`)")
+    rows = []
+    for r in idx.itertuples(index=False):
+        label = r.label if isinstance(r.label, str) else None
+        patient = r.patient if isinstance(r.patient, str) else None
+        if isinstance(r.reason, str):
+            detail = r.detail if isinstance(r.detail, str) and r.detail else ""
+            rows.append({"id": None, "path": r.path, "width": None, "height": None, "mode": None,
+                         "bytes": None, "format": None, "split": r.split, "label": label,
+                         "patient": patient,
+                         "read_error": f"{r.reason}: {detail}" if detail else r.reason})
+        else:
+            rows.append({**describe_file(Path(r.path)), "split": r.split, "label": label,
+                         "patient": patient})
+    return rows
+
+
+# --------------------------------------------------------------------------- patients.csv
+def read_patients(path: str | Path) -> pd.DataFrame:
+    """Read ``patients.csv`` (columns ``path``, ``patient``) as stripped strings; errors
+    name the file and line."""
+    path = Path(path)
+    _check_ragged(path)
+    try:
+        tab = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                          index_col=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (expected a header: path,patient)") from None
+    tab.columns = [str(c).strip().lower() for c in tab.columns]
+    if set(tab.columns) != {"path", "patient"}:
+        raise DataError(f"{path}: columns must be `path` and `patient`, found {list(tab.columns)}")
+    for col in ("path", "patient"):
+        tab[col] = tab[col].astype(str).str.strip()
+    return tab[["path", "patient"]]
+
+
+def apply_patients(df: pd.DataFrame, path: str | Path, root: str | Path,
+                   dicom_rows=()) -> pd.DataFrame:
+    """Fill the ``patient`` of the images ``patients.csv`` lists (path as in the manifest
+    or relative to the data root). Errors name the CSV line: a blank path or patient, an
+    unknown path, a DICOM file (its patient comes from its own header, pseudonymised: a
+    raw DICOM path is never echoed) or its de-identified image (``dicom_rows``, the
+    manifest index of the rows from the deid index), the same image given two patients.
+    Images not listed keep a null patient (one patient each).
+    """
+    dicom_rows = set(dicom_rows)
+    path, root = Path(path), Path(root)
+    tab = read_patients(path)
+    df = df.copy()
+    position = {p: i for i, p in zip(df.index, df["path"])}
+    root_prefix = root.as_posix().rstrip("/") + "/"
+    given: dict[int, tuple[str, int]] = {}
+    for k, row in enumerate(tab.itertuples(index=False)):
+        where = f"{path} line {k + 2}"
+        if _blank(row.path) or _blank(row.patient):
+            raise DataError(f"{where}: empty path or patient")
+        p = row.path.replace("\\", "/").removeprefix("./")
+        i = position.get(p, position.get(root_prefix + p))
+        target = Path(p) if Path(p).is_absolute() or p.startswith(root_prefix) else root / p
+        if i in dicom_rows or (i is None and dicom_in_layout(target)):
+            raise DataError(f"{where}: names a DICOM file: its patient comes from its own "
+                            f"header (pseudonymised by the deid stage); remove the line")
+        if i is None:
+            raise DataError(f"{where}: unknown image path '{row.path}' (not found under {root})")
+        if i in given and given[i][0] != row.patient:
+            raise DataError(f"{where}: image '{row.path}' given patient '{row.patient}' but line "
+                            f"{given[i][1]} gives it '{given[i][0]}'")
+        given.setdefault(i, (row.patient, k + 2))
+    for i, (patient, _) in given.items():
+        df.at[i, "patient"] = patient
+    return df
+
+
+def annotated_with_test_patient(df: pd.DataFrame, split_before: pd.Series) -> int:
+    """Pool images that annotations moved to labelled whose patient has test images. They
+    keep their new label; QC's ``patient_leakage`` check (qc.leakage_policy) then keeps the
+    patient off the test side. Counted for the prepare metrics."""
+    moved = split_before.eq("unlabeled") & df["split"].eq("labeled") & df["patient"].notna()
+    test_patients = set(df.loc[df["split"] == "test", "patient"].dropna())
+    return int((moved & df["patient"].isin(test_patients)).sum())
 
 
 # --------------------------------------------------------------------------- annotations

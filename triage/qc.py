@@ -7,7 +7,9 @@ the quarantine table with a reason, and ``check_invariant`` enforces
 Order of the checks (an image gets the reason of the first check it fails):
 
 1. found by prepare: ``zero_byte``, ``unreadable``, ``non_utf8_filename``,
-   ``not_an_image``, ``decompression_bomb``;
+   ``not_an_image``, ``decompression_bomb``; DICOM files the deid stage rejected:
+   ``dicom_compressed``, ``dicom_unreadable``, ``burned_in``, ``dicom_no_pixels``,
+   ``multi_frame``;
 2. full decode (in parallel): ``too_large`` (qc.max_pixels), ``decode_error``
    (truncated, corrupt), ``unsupported_mode`` (qc.convert_modes: false);
 3. geometry and content: the per-image rules of ``IMAGE_RULES``, shared with
@@ -20,7 +22,11 @@ Order of the checks (an image gets the reason of the first check it fails):
    of a training/pool image is leakage like an exact copy (moved to labelled when the
    pipeline drew the test split, else ``near_leakage`` per qc.leakage_policy); the others
    are notes with qc.near_dup_policy: report, ``label_conflict`` / ``near_duplicate``
-   with quarantine. Every clean row gets its split group (column `group`, :func:`split_groups`).
+   with quarantine;
+6. patients (the manifest's `patient` column): a test image of a patient who also has
+   training/pool images still in is ``patient_leakage`` (qc.leakage_policy; moved to
+   labelled when the pipeline drew the test split), :func:`_patient_leakage`.
+Every clean row gets its split group (column `group`, :func:`split_groups`).
 
 Usable oddities are kept with a note (``qc_note`` column of the clean manifest): mode
 conversions, a format that does not match the extension, size outliers, near duplicates.
@@ -314,8 +320,11 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
     exact = _exact_copies(df, v, leakage_policy)
     near = _near_duplicates(df, v, near_dup_hamming, near_dup_policy, leakage_policy,
                             test_source)
+    patient = _patient_leakage(df, v, leakage_policy, test_source)
     df["group"] = split_groups(df, near["groups"])
-    return _assemble(df, v, size, exact, near, params)
+    report = _assemble(df, v, size, exact, near, params)
+    report.stats.update(patient)
+    return report
 
 
 def _check_policies(p: dict) -> None:
@@ -543,6 +552,46 @@ def _judge_near_group(df: pd.DataFrame, v: _Verdicts, idx: list[int], dist: dict
                 v.note(mask, what)
 
 
+def _patient_leakage(df: pd.DataFrame, v: _Verdicts, leakage_policy: str,
+                     test_source: str = "folder") -> dict:
+    """A patient on both sides: a test image whose patient (``patient`` column, when the
+    manifest has one) also has labelled or pool images still in after every other check.
+
+    A model tested on a patient it trained on is scored on that patient's anatomy, so it is
+    leakage like a copy: when the pipeline drew the test split (``split``) the image moves
+    to the labelled side with a note (prepare's patient-level split makes this rare); with a
+    given ``test/`` folder ``qc.leakage_policy`` applies: ``drop_test`` quarantines it
+    (``patient_leakage``), ``keep`` notes it, ``fail`` stops. Returns the metrics."""
+    counts = {"patient_leaked_test_images": 0, "patient_leaked_test_dropped": 0,
+              "patient_leaked_patients": 0, "patient_moved_to_labeled": 0}
+    if "patient" not in df:
+        return counts
+    known = v.ok & df["patient"].notna()
+    train_side = set(df.loc[known & df["split"].ne("test"), "patient"])
+    leak = known & df["split"].eq("test") & df["patient"].isin(train_side)
+    n = int(leak.sum())
+    counts["patient_leaked_test_images"] = n
+    counts["patient_leaked_patients"] = int(df.loc[leak, "patient"].nunique())
+    if not n:
+        return counts
+    what = "test image of a patient who also has training/pool images"
+    if test_source == "split":
+        df.loc[leak, "split"] = "labeled"
+        counts["patient_moved_to_labeled"] = n
+        v.note(leak, "moved from the test split to labeled (the pipeline's split keeps a "
+                     "patient's images on one side): " + what)
+    elif leakage_policy == "fail":
+        raise DataError(f"{n} test images of {counts['patient_leaked_patients']} patients who also "
+                        f"have training/pool images (qc.leakage_policy=fail); see the qc report "
+                        f"or set drop_test")
+    elif leakage_policy == "drop_test":
+        counts["patient_leaked_test_dropped"] = n
+        v.flag(leak, "patient_leakage", what)
+    else:
+        v.note(leak, "patient leakage kept (qc.leakage_policy=keep): " + what)
+    return counts
+
+
 def _assemble(df: pd.DataFrame, v: _Verdicts, size: tuple, exact: dict, near: dict,
               params: dict) -> QCReport:
     """Clean manifest, quarantine table and metrics from the verdicts."""
@@ -604,6 +653,7 @@ NOTE_KINDS = {  # note text prefix -> metrics key under notes/
     "near-duplicate of": "near_duplicate", "possible leakage": "near_leakage",
     "near-duplicate group": "near_label_conflict", "leakage kept": "leakage_kept",
     "moved from the test split": "moved_to_labeled",
+    "patient leakage kept": "patient_leakage_kept",
 }
 
 

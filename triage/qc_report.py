@@ -37,7 +37,8 @@ MAX_GROUP_MEMBERS = 6   # members shown per group
 SUMMARY_KEYS = ("n_images", "n_passed", "n_quarantined", "valid_rate", "n_noted",
                 "exact_duplicate_groups", "leaked_test_images", "leaked_test_groups",
                 "leaked_test_dropped", "near_duplicate_groups", "near_duplicate_images",
-                "near_leaked_test_images", "near_label_conflict_groups")
+                "near_leaked_test_images", "near_label_conflict_groups",
+                "patient_leaked_test_images", "patient_leaked_test_dropped")
 GROUP_KINDS = (("exact", "Exact duplicate groups (same bytes)"),
                ("near", "Near-duplicate groups (perceptual hash)"))
 
@@ -58,6 +59,11 @@ LABELS = {
     "near_duplicate_images": "Images in near-duplicate groups",
     "near_leaked_test_images": "Test images nearly identical to a training/pool image",
     "near_label_conflict_groups": "Near-duplicate groups with conflicting labels",
+    "patient_leaked_test_images": "Test images of a patient with training/pool images",
+    "patient_leaked_test_dropped": "Test images of such patients dropped",
+    "patient_leaked_patients": "Patients with images on both sides",
+    "patient_moved_to_labeled": "Test images moved to labelled to keep a patient on one side",
+    "notes/patient_leakage_kept": "Test image of a patient with training/pool images, kept",
     "notes/mode_converted": "Colour mode converted to greyscale",
     "notes/format_mismatch": "File format does not match its extension",
     "notes/size_outlier": "Size far from the median",
@@ -89,6 +95,13 @@ LABELS = {
     "reason/duplicate": "Duplicate of another image",
     "reason/near_duplicate": "Near-duplicate of another image",
     "reason/near_leakage": "Test near-duplicate of a training/pool image",
+    "reason/patient_leakage": "Test image of a patient with training/pool images",
+    "reason/dicom_compressed": "DICOM with a compression that cannot be decoded here",
+    "reason/dicom_unreadable": "DICOM file that cannot be read",
+    "reason/burned_in": "DICOM with text burned into the pixels (possible identifiers)",
+    "reason/dicom_no_pixels": "DICOM without an image",
+    "reason/multi_frame": "Multi-frame DICOM (deid.multi_frame: quarantine)",
+    "reason/dicom_not_supported": "DICOM outside the deid stage",
     "qc.min_side": "Minimum image side (px)",
     "qc.max_pixels": "Maximum pixels per image",
     "qc.min_std": "Minimum pixel standard deviation (0-255)",

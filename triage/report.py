@@ -255,6 +255,9 @@ ETHICS = (
     "them only with people entitled to see the images.",
     "- A legal basis, a DPIA and clinical validation are required before any use on "
     "patients; this repository provides none of them.",
+    "- DICOM inputs are de-identified before any stage reads them (keyed pseudonyms; the key and "
+    "the re-identification table stay outside the repository); what is removed, kept and not done "
+    "(no OCR of burned-in text; non-DICOM file names are not de-identified): docs/privacy.md.",
 )
 
 MONITORING = (

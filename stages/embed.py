@@ -1,5 +1,6 @@
 """Stage `embed`: embed.backbone (ResNet18 by default) without its classifier →
 data/features/embeddings.parquet (float32 vectors of the backbone's feature dimension)."""
+import contextlib
 import time
 from pathlib import Path
 
@@ -31,13 +32,21 @@ def main() -> None:
     # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
     reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
 
+    # embed.engine: where the per-image work runs; the vectors (and the file) are the same
+    if e["engine"] == "ray":
+        from triage import ray_engine
+
+        batches, engine = ray_engine.compute_fn(embedder), ray_engine.session()
+    else:
+        batches, engine = embedder.iter_batches, contextlib.nullcontext()
+
     def compute(paths):  # the embedder's batches, counted in images on stderr
-        return progress_batches(embedder.iter_batches(paths), total=len(paths), desc="embed",
-                                unit="img")
+        return progress_batches(batches(paths), total=len(paths), desc="embed", unit="img")
 
     start = time.perf_counter()
-    n_new, n_reused = write_embeddings(rows, OUT, fingerprint=embedder.fingerprint_,
-                                      compute=compute, reuse=reuse)
+    with engine:
+        n_new, n_reused = write_embeddings(rows, OUT, fingerprint=embedder.fingerprint_,
+                                          compute=compute, reuse=reuse)
     seconds = time.perf_counter() - start
     n = n_new + n_reused
     fingerprint = embedder.fingerprint_

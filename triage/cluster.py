@@ -31,9 +31,10 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
 
     def __init__(self, n_components: int = 32, k=8, random_state: int = 0,
                  method: str = "kmeans", k_range: tuple = (2, 12),
-                 min_cluster_size: int = 15):
+                 min_cluster_size: int = 15, backend: str = "sklearn"):
         self.n_components, self.k, self.random_state = n_components, k, random_state
         self.method, self.k_range, self.min_cluster_size = method, k_range, min_cluster_size
+        self.backend = backend
 
     def _fit_k(self, Z, k):
         if self.method == "gmm":
@@ -42,6 +43,8 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
             gm = GaussianMixture(n_components=k, covariance_type="diag", n_init=2,
                                  random_state=self.random_state, reg_covar=1e-4).fit(Z)
             labels, centers = gm.predict(Z), gm.means_
+        elif self.backend == "faiss":
+            labels, centers = faiss_kmeans(Z, k, seed=self.random_state)
         else:
             # tol=0: Lloyd runs until no label changes (strict convergence), so where it
             # stops does not hang on a float comparison that another CPU could flip.
@@ -123,6 +126,9 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         scale, pca = self.reducer_["scale"], self.reducer_["pca"]
         params = self.get_params()
         params["k_range"] = list(params["k_range"])
+        if params.get("backend") == "sklearn":
+            # the default is left out, so the committed clusterer.json keeps its bytes
+            del params["backend"]
         return {"params": params, "k_chosen": self.k_,
                 "scale_mean": scale.mean_.tolist(), "scale_scale": scale.scale_.tolist(),
                 "pca_mean": pca.mean_.tolist(), "pca_components": pca.components_.tolist(),
@@ -150,6 +156,39 @@ class PoolClusterer(ClusterMixin, BaseEstimator):
         return self
 
 
+# FAISS k-means settings (cluster.backend: faiss). One OpenMP thread: FAISS's BLAS
+# distance blocks and reductions then run in a fixed order, so two fits give the same bits.
+FAISS_THREADS = 1
+FAISS_NITER = 300   # fixed Lloyd iterations (sklearn's max_iter; FAISS has no tol)
+FAISS_NREDO = 10    # restarts, best objective kept (sklearn's n_init=10)
+
+
+def faiss_kmeans_options(n: int, k: int, seed: int) -> dict:
+    """Options for ``faiss.Kmeans``. FAISS trains on at most ``max_points_per_centroid * k``
+    points (default 256: with k=2 it would train on a 512-point sample); it is set to
+    ``ceil(n / k)`` so the whole input is used, like scikit-learn's KMeans."""
+    return {"niter": FAISS_NITER, "nredo": FAISS_NREDO, "seed": int(seed),
+            "max_points_per_centroid": -(-int(n) // int(k)),
+            "min_points_per_centroid": 1,   # small pools: no "too few points" warning
+            "verbose": False}
+
+
+def faiss_kmeans(Z: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and centres of a seeded ``faiss.Kmeans`` on float32 ``Z``; the points are
+    assigned to the trained centres with an exact ``IndexFlatL2``. FAISS is imported here
+    only, so stages that never cluster with it never load it."""
+    import faiss
+
+    faiss.omp_set_num_threads(FAISS_THREADS)
+    Z32 = np.ascontiguousarray(Z, dtype=np.float32)
+    km = faiss.Kmeans(Z32.shape[1], int(k), **faiss_kmeans_options(len(Z32), k, seed))
+    km.train(Z32)
+    index = faiss.IndexFlatL2(Z32.shape[1])
+    index.add(np.ascontiguousarray(km.centroids, dtype=np.float32))
+    _, nearest = index.search(Z32, 1)
+    return nearest[:, 0].astype(np.int64), km.centroids.astype(np.float64)
+
+
 def centroids(Z: np.ndarray, labels: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Snapped mean of each cluster's points, recomputed from the labels (NumPy's
     fixed-order sum), so the centres depend on which points a cluster holds, not on the
@@ -167,7 +206,8 @@ def make_clusterer(c: dict) -> PoolClusterer:
     """A PoolClusterer from the ``cluster.*`` params."""
     return PoolClusterer(n_components=c["pca_components"], k=c["k"], random_state=c["seed"],
                          method=c["method"], k_range=(c["k_min"], c["k_max"]),
-                         min_cluster_size=c["min_cluster_size"])
+                         min_cluster_size=c["min_cluster_size"],
+                         backend=c.get("backend", "sklearn"))
 
 
 def cluster_quality(Z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:

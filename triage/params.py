@@ -193,6 +193,8 @@ SCHEMA: dict[str, Any] = {
         "device": Spec(STR, choices=("auto", "cpu", "cuda")),
         "precision": Spec(STR, choices=("fp32", "bf16", "auto")),
         "kernels": Spec(STR, choices=("canonical", "fast")),
+        # where the per-image work runs (not in the fingerprint: the same vectors either way)
+        "engine": Spec(STR, choices=("local", "ray")),
     },
     "cluster": {
         "pca_components": Spec(INT, min=2),
@@ -202,6 +204,7 @@ SCHEMA: dict[str, Any] = {
         "k_max": Spec(INT, min=2),
         "min_cluster_size": Spec(INT, min=2),
         "seed": Spec(INT, min=0),
+        "backend": Spec(STR, choices=("sklearn", "faiss")),
     },
     "pseudo": {
         "strategy": Spec(STR, choices=("cluster_vote", "confidence", "self_training",

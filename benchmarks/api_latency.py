@@ -79,7 +79,7 @@ def build_model(tmp: Path, pool: int, n_requests: int) -> dict:
     e = params["embed"]
     emb = Embedder(e["weights"], seed=e["seed"], image_size=e["image_size"],
                    batch_size=e["batch_size"], device="cpu", kernels=e["kernels"],
-                   precision=e["precision"]).fit()
+                   precision=e["precision"], layers=e["layers"]).fit()
     emb.small_batches_ = False  # the embed stage's bytes as they always were: batches of 64
     X_lab = emb.transform([str(p) for p in labeled])
     X_pool = emb.transform([str(p) for p in unlabeled])

@@ -2,8 +2,10 @@
 
     python benchmarks/label_audit.py [--demo-seeds 3] [--flip-seeds 10] [--flips 5]
 
-For each demo seed the labelled set (100 images, 50/50) is generated and embedded once
-(random-init ResNet18, embed.seed, as the default pipeline); for each flip seed ``--flips``
+For each demo seed the labelled set (100 images, 50/50) is generated and embedded once per
+feature set (random-init ResNet18, embed.seed: ``embed.layers`` auto = layer1 + layer2
+avg+max pooled, the pipeline's default, and ``final``, the network without its classifier,
+the default before); for each flip seed ``--flips``
 labels are flipped, the baseline's out-of-fold P(positive) is computed as the train stage
 does (train.* defaults) and the audit runs (triage.audit, each ``filter_by`` below). Reported:
 mean number of flipped labels among the 10 most suspicious rows of to_review.csv, the share
@@ -11,12 +13,13 @@ of trials with at least ``flips - 1`` of them there, the mean number of images f
 how many images are flagged with the true (unflipped) labels — all false alarms.
 
 Two demos: the default one (128 px, difficulty 1.0, 35 % benign masses: the committed
-pipeline's data) and an easy one (96 px, difficulty 0.1, no benign masses: the one
-tests/test_audit.py uses). Prints a markdown table (docs/active_learning.md quotes it).
+pipeline's data, the one tests/test_audit.py uses) and an easy one (96 px, difficulty 0.1,
+no benign masses). Prints a markdown table (docs/active_learning.md quotes it).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMOS = {"default": {"image_size": 128, "difficulty": 1.0, "benign_mass_rate": 0.35},
          "easy": {"image_size": 96, "difficulty": 0.1, "benign_mass_rate": 0.0}}
 FILTERS = ("prune_by_noise_rate", "predicted_neq_given", "confident_learning")
+LAYERS = ("auto", "final")  # embed.layers: the default, and the network's final features
 
 
 def main() -> None:
@@ -48,9 +52,9 @@ def main() -> None:
     t, pos = params["train"], params["data"]["positive_class"]
     pipe = make_classifier(t["model"], t["C"], t["class_weight"], t["seed"], t["calibration"])
     rows = []
-    for name, demo in DEMOS.items():
+    for (name, demo), layers in itertools.product(DEMOS.items(), LAYERS):
         emb = Embedder("random", seed=params["embed"]["seed"], image_size=demo["image_size"],
-                       batch_size=50, num_workers=0, device="cpu").fit()
+                       batch_size=50, num_workers=0, device="cpu", layers=layers).fit()
         res = {f: {"hits": [], "flagged": [], "clean": []} for f in FILTERS}
         aucs = []
         for dseed in range(args.demo_seeds):
@@ -77,7 +81,10 @@ def main() -> None:
         for f in FILTERS:
             h = np.array(res[f]["hits"])
             rows.append({"demo": f"{name} ({demo['image_size']} px, difficulty "
-                                 f"{demo['difficulty']}; OOF ROC-AUC {np.mean(aucs):.2f})",
+                                 f"{demo['difficulty']})",
+                         "embed.layers": f"`{layers}`" + (
+                             f" ({'+'.join(emb.layers_)})" if emb.layers_ else ""),
+                         "OOF ROC-AUC": f"{np.mean(aucs):.2f}",
                          "filter_by": f"`{f}`", "flips in top 10": f"{h.mean():.2f}",
                          f">= {args.flips - 1} in top 10": f"{(h >= args.flips - 1).mean():.0%}",
                          "flagged": f"{np.mean(res[f]['flagged']):.1f}",

@@ -97,6 +97,21 @@ def pneumonia_pngs(out: Path) -> tuple[list[str], list[str], list[str], list[boo
     return ids, paths, labels, is_test
 
 
+@functools.cache
+def embed_layers():
+    """The pipeline's ``embed.layers`` (params.yaml): the features these tables are made of."""
+    from triage.params import load_params
+
+    return load_params(ROOT / "params.yaml")["embed"]["layers"]
+
+
+def layers_tag() -> str:
+    """Cache-file tag of :func:`embed_layers` (``final`` keeps the old cache names)."""
+    layers = embed_layers()
+    return "" if layers == "final" else "_" + (layers if isinstance(layers, str) else
+                                              "-".join(layers))
+
+
 def _embed(paths: list[str], image_size: int) -> np.ndarray:
     import torch
 
@@ -104,7 +119,7 @@ def _embed(paths: list[str], image_size: int) -> np.ndarray:
 
     torch.set_num_threads(2)
     emb = Embedder("random", seed=42, image_size=image_size, batch_size=64, num_workers=0,
-                   device="cpu", precision="fp32").fit()
+                   device="cpu", precision="fp32", layers=embed_layers()).fit()
     return emb.transform(paths)
 
 
@@ -244,7 +259,7 @@ def brain_mri(image_size: int = 128, group_split: bool = True, hamming: int | No
     both binary labels is dropped. The given Training/Testing split leaks (189 groups
     cross it), so it is ignored and the data re-split with a seed, by near-duplicate group.
     """
-    cache = CACHE / f"brain_mri_{image_size}.npz"
+    cache = CACHE / f"brain_mri_{image_size}{layers_tag()}.npz"
     root = SHARED / "brain_mri_4class"
     t0, embed_s, paths = time.perf_counter(), 0.0, None
     if not cache.is_file():
@@ -275,7 +290,7 @@ def pneumonia(image_size: int = 64, group_split: bool = True, hamming: int | Non
     "cancer" (positive), normal = normal. Labelled and pool from train+val (deduplicated by
     sha256 of the pixels); test = the official test split, and a train/val image with a
     near-copy in it is dropped (never training)."""
-    cache = CACHE / f"pneumonia_{image_size}.npz"
+    cache = CACHE / f"pneumonia_{image_size}{layers_tag()}.npz"
     t0, embed_s = time.perf_counter(), 0.0
     ids, paths, labels, is_test = pneumonia_pngs(CACHE / "pneumonia_png")
     if not cache.is_file():

@@ -11,7 +11,9 @@ from triage.params import load_params
 def main() -> None:
     params = load_params()
     data = params["data"]
-    if data["source"] == "demo":
+    # archive mode lists its images in a manifest, which prepare never opens: no DICOM to
+    # de-identify here (a DICOM in the archive is quarantined by qc's decode)
+    if data["source"] in ("demo", "archive"):
         stats = index_stats(write_empty_index(DEID_DIR))
     else:
         _, stats = deidentify_layout(data["root"], params["deid"], DEID_DIR,

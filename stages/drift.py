@@ -145,7 +145,7 @@ def main(argv=None) -> None:
                   seed=d["seed"])
     res["prevalence_matched"] = bool(d["match_prevalence"])
     ood = batch.bundle.get("ood")  # the served model's per-image OOD check, on the batch compared
-    flags = ood_flags(ood, batch.X)
+    flags = ood_flags(ood, batch.X, params["cluster"]["backend"])  # the kNN search library
     if flags is not None:
         res["ood"] = {"count": int(flags.sum()), "n": int(len(flags)), "k": int(ood["k"]),
                       "quantile": float(ood["quantile"])}

@@ -9,7 +9,7 @@ from triage.embed import Embedder
 from triage.io import open_live, read_parquet, run_stage, write_json
 from triage.params import load_params
 from triage.progress import progress_batches
-from triage.store import load_reusable, write_embeddings
+from triage.store import load_reusable, remove_store, write_embeddings, write_partitioned
 
 CLEAN = Path("data/qc/manifest_clean.parquet")
 OUT = Path("data/features/embeddings.parquet")
@@ -27,10 +27,18 @@ def main() -> None:
                         weights_sha256=e["weights_sha256"] or None,
                         image_size=e["image_size"], crop=e["crop"], batch_size=e["batch_size"],
                         num_workers=e["num_workers"], device=e["device"],
-                        precision=e["precision"], kernels=e["kernels"]).fit()
-    # OUT is `persist: true` in dvc.yaml: DVC leaves the previous file in place so
+                        precision=e["precision"], kernels=e["kernels"],
+                        layers=e["layers"]).fit()
+    # OUT is `persist: true` in dvc.yaml: DVC leaves the previous store in place so
     # vectors of unchanged images (same id, same fingerprint) are reused, not recomputed.
-    reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
+    # embed.store: partitioned reads only the parts it rewrites (write_partitioned); a store
+    # of the other layout is read whole once, then replaced.
+    partitioned = e["store"] == "partitioned"
+    if partitioned != OUT.is_dir():
+        reuse = load_reusable(OUT, embedder.fingerprint_["fingerprint"])
+        remove_store(OUT)
+    else:
+        reuse = None if partitioned else load_reusable(OUT, embedder.fingerprint_["fingerprint"])
 
     # embed.engine: where the per-image work runs; the vectors (and the file) are the same
     if e["engine"] == "ray":
@@ -44,16 +52,17 @@ def main() -> None:
         return progress_batches(batches(paths), total=len(paths), desc="embed", unit="img")
 
     start = time.perf_counter()
+    write = write_partitioned if partitioned else write_embeddings
     with engine:
-        n_new, n_reused = write_embeddings(rows, OUT, fingerprint=embedder.fingerprint_,
-                                          compute=compute, reuse=reuse)
+        n_new, n_reused = write(rows, OUT, fingerprint=embedder.fingerprint_,
+                                compute=compute, reuse=reuse)
     seconds = time.perf_counter() - start
     n = n_new + n_reused
     fingerprint = embedder.fingerprint_
     with open_live("embed") as live:
         live.log_metric("n_images", n, plot=False)
         for key in ("weights", "weights_sha256", "image_size", "precision", "kernels",
-                    "fingerprint"):
+                    "layers", "fingerprint"):
             live.log_param(key, fingerprint.get(key))
         live.log_param("device", embedder.device_)
     # Timings vary run to run: kept out of the stage's outputs so `dvc repro -f` gives an

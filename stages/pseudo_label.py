@@ -32,7 +32,8 @@ def main() -> None:
         raise PipelineError(f"pseudo_label needs labelled images of two classes including "
                             f"'{positive}', got {sorted(set(y_lab))}")
     pseudo = run_strategy(p, positive, rows.loc[pool, "id"].to_numpy(dtype=object), X[pool],
-                          X[lab], y_lab, cl[pool], cl[lab], groups_for(rows.loc[lab, "id"]))
+                          X[lab], y_lab, cl[pool], cl[lab], groups_for(rows.loc[lab, "id"]),
+                          backend=params["cluster"]["backend"])
     write_parquet(pseudo, OUT)
 
     classes = sorted(set(y_lab))

@@ -45,7 +45,9 @@ def main() -> None:
         metrics["embed"].update(yaml.safe_load(embed_params.read_text()) or {})
     metrics["embed"]["feature_dim"] = int(X.shape[1])  # the backbone's, read from the data
     thresholds = {m: metrics["evaluate"][m]["threshold"] for m in ("semi_supervised", "baseline")}
-    errors = {m: error_table(preds[preds["model"] == m], rows, X, clusters, positive, thr)
+    backend = params["cluster"]["backend"]  # the nearest-labelled search (cluster.backend)
+    errors = {m: error_table(preds[preds["model"] == m], rows, X, clusters, positive, thr,
+                             backend)
               for m, thr in thresholds.items()}
     groups = Groups(n=int(clusters[clusters >= 0].nunique()),
                     method=params.get("cluster", {}).get("method"))

@@ -28,6 +28,7 @@ OUT = Path("data/annotation/to_label.csv")
 def main() -> None:
     params = load_params()
     s, positive = params["select"], params["data"]["positive_class"]
+    backend = params["cluster"]["backend"]  # the library of every vector search
     rows, X, fingerprint = read_embeddings(EMBEDDINGS)
     bundle = load_model(MODEL)
     if bundle["embedding_fingerprint"] != fingerprint.get("fingerprint", ""):
@@ -47,7 +48,7 @@ def main() -> None:
     sel = select_batch(X_pool, p, X_lab, batch_size=s["batch_size"], space=space,
                        uncertainty_kind=s["uncertainty"], diversity=s["diversity"],
                        candidates=s["candidates"], pca_components=s["pca_components"],
-                       clusters=pool_rows["cluster"].to_numpy())
+                       clusters=pool_rows["cluster"].to_numpy(), backend=backend)
     inpool = rows[pool | lab]
     n_all = inpool.groupby("cluster")["id"].size()
     n_lab = inpool[inpool["split"] == "labeled"].groupby("cluster")["id"].size()
@@ -66,7 +67,7 @@ def main() -> None:
             live.log_metric("uncertainty/pool_mean", round(float(u_all.mean()), 6), plot=False)
             live.log_metric("clusters_covered", int(sel["cluster"].nunique()), plot=False)
             Z_pool = space.transform(X_pool)
-            stats = batch_stats(Z_pool[sel["index"].to_numpy()], Z_pool)
+            stats = batch_stats(Z_pool[sel["index"].to_numpy()], Z_pool, backend)
             for key, value in stats.items():
                 live.log_metric(f"diversity/{key}", round(value, 6), plot=False)
     print(f"select: {len(table)} of {int(pool.sum())} unlabelled images proposed for annotation "

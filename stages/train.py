@@ -80,7 +80,7 @@ def main() -> None:
     # (triage.models.ood_reference; inference.ood_*).
     train_rows = rows["split"].isin(["labeled", "unlabeled"]).to_numpy()
     ood = ood_reference(X[train_rows], params["inference"]["ood_k"],
-                        params["inference"]["ood_quantile"])
+                        params["inference"]["ood_quantile"], params["cluster"]["backend"])
     oof_rows = []
     with open_live("train") as live:
         live.log_metric("n_labeled", int(lab.sum()), plot=False)

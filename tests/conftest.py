@@ -23,6 +23,16 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs) for every test module that needs it: a second ``ray.init`` in
+    the same process would fail, so the modules share this one (tests/test_ray_*.py)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():

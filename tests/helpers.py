@@ -103,8 +103,11 @@ def train_tiny_model(root: Path, n: int = 16) -> dict:
         cancer = i % 2 == 0
         paths.append(blob_image(root / "train" / f"{i:03d}.png", cancer, seed=i))
         y.append("cancer" if cancer else "normal")
+    # the repository's embed.layers, as write_params leaves it: the served embedder is the
+    # one the model was trained with
+    layers = yaml.safe_load((ROOT / "params.yaml").read_text())["embed"]["layers"]
     emb = Embedder("random", seed=0, image_size=SIZE, batch_size=8, num_workers=0,
-                   device="cpu").fit()
+                   device="cpu", layers=layers).fit()
     X = emb.transform([str(p) for p in paths])
     model = make_classifier("logreg", 1.0).fit(X, np.array(y))
     bundle = {"model": model, "name": "semi_supervised", "positive_class": "cancer",

@@ -24,25 +24,31 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 POSITIVE = PARAMS["data"]["positive_class"]
 
-# The demo's labelled set (100 images, 50/50), made easy enough for the baseline to see the
-# cue: a wrong label can only be found where the model recognises the image's true class.
-# On the default demo (difficulty 1.0, benign masses, random-init ResNet18) the baseline's
-# out-of-fold ROC-AUC is ~0.76 and no label audit finds flipped labels reliably (see
-# docs/active_learning.md, "Label audit").
-EASY_DEMO = {"n_labeled": 100, "image_size": 96, "difficulty": 0.1, "benign_mass_rate": 0.0}
+# The demo's labelled set (100 images, 50/50) as the pipeline makes and embeds it: the
+# default demo (data.demo) and the default embedder (embed.*: random weights, embed.layers
+# auto = ResNet18's layer1 + layer2, avg+max pooled). A wrong label can only be found where
+# the model recognises the image's true class: with the network's final features (out-of-fold
+# ROC-AUC ~0.76 on this demo) about 1.6 of 5 flipped labels reach the top 10; with the
+# default layers (~0.95) about 4 (docs/active_learning.md, "Label audit").
+N_FLIP_SETS = 10
 
 
 @pytest.fixture(scope="module")
 def demo_labelled(tmp_path_factory):
-    """(ids, true labels, paths, vectors) of the demo's labelled set, embedded with the
-    project's embedder (random weights, embed.seed) at 96 px."""
+    """(ids, true labels, paths, vectors) of the default demo's labelled set, embedded with
+    the default embedder."""
     from triage.demo import generate_demo
     from triage.embed import Embedder
 
     out = tmp_path_factory.mktemp("audit_demo")
-    generate_demo(out, n_unlabeled=0, n_test=0, seed=PARAMS["data"]["seed"], **EASY_DEMO)
+    demo, e = PARAMS["data"]["demo"], PARAMS["embed"]
+    generate_demo(out, n_labeled=demo["n_labeled"], n_unlabeled=0, n_test=0,
+                  seed=PARAMS["data"]["seed"], image_size=demo["image_size"],
+                  difficulty=demo["difficulty"], benign_mass_rate=demo["benign_mass_rate"],
+                  prevalence=demo["prevalence"])
     paths = sorted((out / "labeled").rglob("*.png"))
-    emb = Embedder("random", seed=PARAMS["embed"]["seed"], image_size=EASY_DEMO["image_size"],
+    emb = Embedder(e["weights"], backbone=e["backbone"], seed=e["seed"],
+                   image_size=e["image_size"], crop=e["crop"], layers=e["layers"],
                    batch_size=50, num_workers=0, device="cpu").fit()
     X = emb.transform([str(p) for p in paths])
     ids = np.array([p.stem for p in paths], dtype=object)
@@ -58,20 +64,28 @@ def train_oof(X, y):
 
 
 def test_five_flipped_labels_are_among_the_ten_most_suspicious_rows(demo_labelled):
+    """Issue #16: flip 5 labels, at least 4 among the 10 highest-ranked rows of
+    to_review.csv. One flip set is one draw (which 5 images were flipped decides much), so
+    the criterion is asserted for the typical one: the median over 10 seeded flip sets."""
     ids, y, paths, X = demo_labelled
-    flip = np.random.default_rng(0).choice(len(y), 5, replace=False)
-    given = y.copy()
-    given[flip] = np.where(y[flip] == POSITIVE, "normal", POSITIVE)
-    audit = audit_labels(ids, given, train_oof(X, given), POSITIVE, PARAMS["audit"]["filter_by"])
-    review = to_review(audit, pd.Series(paths, index=ids), PARAMS["audit"]["max_rows"])
-    top = review.head(10)
-    found = set(top["id"]) & set(ids[flip])
-    assert len(found) >= 4, (f"{len(found)} of 5 flipped labels in the top 10:\n{top}\n"
-                             f"flipped: {sorted(ids[flip])}")
     truth = dict(zip(ids, y))
-    assert all(r.suggested_label == truth[r.id] for r in top.itertuples() if r.id in found)
-    assert review["score"].is_monotonic_decreasing
-    assert audit_stats(audit, review)["n_audited"] == 100
+    found_per_set = []
+    for seed in range(N_FLIP_SETS):
+        flip = np.random.default_rng(seed).choice(len(y), 5, replace=False)
+        given = y.copy()
+        given[flip] = np.where(y[flip] == POSITIVE, "normal", POSITIVE)
+        audit = audit_labels(ids, given, train_oof(X, given), POSITIVE,
+                             PARAMS["audit"]["filter_by"])
+        review = to_review(audit, pd.Series(paths, index=ids), PARAMS["audit"]["max_rows"])
+        top = review.head(10)
+        found = set(top["id"]) & set(ids[flip])
+        found_per_set.append(len(found))
+        # the suggestion is the true class for every flipped image found
+        assert all(r.suggested_label == truth[r.id] for r in top.itertuples() if r.id in found)
+        assert review["score"].is_monotonic_decreasing
+        assert audit_stats(audit, review)["n_audited"] == 100
+    assert np.median(found_per_set) >= 4, (
+        f"flipped labels found in the top 10, per flip set: {found_per_set}")
 
 
 @pytest.mark.filterwarnings("ignore:May not flag all label issues")  # 2 images: on purpose

@@ -159,14 +159,15 @@ def _write_embeddings(path, rows, X, fingerprint: dict):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from triage.store import EMBED_DIM, EMBEDDING_SCHEMA
+    from triage.store import embedding_schema
 
     meta = {b"embedding_fingerprint": json.dumps(fingerprint).encode()}
+    dim = X.shape[1]  # the embedder's width (embed.layers decides it)
     table = pa.Table.from_arrays([
         pa.array(rows["id"], pa.string()), pa.array(rows["split"], pa.string()),
         pa.array(rows["label"], pa.string(), from_pandas=True),
-        pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1).astype(np.float32)), EMBED_DIM),
-    ], schema=EMBEDDING_SCHEMA.with_metadata(meta))
+        pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1).astype(np.float32)), dim),
+    ], schema=embedding_schema(dim).with_metadata(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
 

@@ -73,7 +73,9 @@ def world(tmp_path_factory):
     labeled = sorted((root / "demo" / "labeled").glob("*/*.png"))
     pool = sorted((root / "demo" / "unlabeled").glob("*.png"))
     test = sorted(str(p) for p in (root / "demo" / "test").glob("*/*.png"))
-    emb = Embedder("random", seed=42, image_size=SIZE, batch_size=64, device="cpu").fit()
+    layers = yaml.safe_load((ROOT / "params.yaml").read_text())["embed"]["layers"]
+    emb = Embedder("random", seed=42, image_size=SIZE, batch_size=64, device="cpu",
+                   layers=layers).fit()  # the default features, as the pipeline's
     X_lab, X_pool = emb.transform([str(p) for p in labeled]), emb.transform([str(p) for p in pool])
     y = np.array([p.parent.name for p in labeled])
     model = make_classifier("logreg", 0.1).fit(X_lab, y)

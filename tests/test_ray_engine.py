@@ -19,13 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 N, SIZE, BATCH = 300, 32, 16  # 300 = 18 full batches of 16 + a short one of 12
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def embedder():
     from triage.embed import Embedder

@@ -92,7 +92,8 @@ def fold_pseudo_labels(params: dict, positive: str, X_lab: np.ndarray, y_lab: np
         model = cluster_for_fold(params["cluster"], np.concatenate([X_lab, X_pool]))
         lab_clusters, pool_clusters = model.labels_[: len(X_lab)], model.labels_[len(X_lab):]
     pseudo = run_strategy(p, positive, ids_pool, X_pool, X_lab, y_lab, pool_clusters,
-                          lab_clusters, groups_lab)
+                          lab_clusters, groups_lab,
+                          backend=params["cluster"].get("backend", "sklearn"))
     where = pd.Series(np.arange(len(ids_pool)), index=ids_pool)
     X_ps = X_pool[where.loc[pseudo["id"]].to_numpy()] if len(pseudo) else X_pool[:0]
     w_ps = pseudo_weights(pseudo["confidence"].to_numpy(), t["pseudo_weighting"],

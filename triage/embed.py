@@ -25,8 +25,10 @@ from .backbone import (
     build_backbone,
     fusable,
     fuse_batchnorm,
+    pooled_layers,
     preprocessing,
     resize_plan,
+    resolve_layers,
 )
 from .errors import ParamsError, PipelineError
 from .io import log
@@ -231,7 +233,7 @@ def check_canonical_kernels() -> None:
 def fingerprint(weights_info: dict, image_size: int, precision: str,
                 kernels: str = CANONICAL_CPU, *, backbone: str = DEFAULT_BACKBONE,
                 feature_dim: int, preprocess, crop_pct: float | None = None,
-                fused_batchnorm: bool = True) -> dict:
+                fused_batchnorm: bool = True, layers: tuple[str, ...] = ()) -> dict:
     """Everything that defines the vectors, and its short hash (``fingerprint``).
 
     ``feature_dim``: the width of the vectors; ``preprocess``: the model's
@@ -265,7 +267,9 @@ def fingerprint(weights_info: dict, image_size: int, precision: str,
         "mean": list(mean),
         "std": list(std),
     }
-    if backbone != DEFAULT_BACKBONE or spelled != IMPLIED_BY_DEFAULT_RECORD:
+    if layers:  # tapped stages, pooled (triage.backbone.pooled_layers); absent = final features
+        record["layers"] = list(layers)
+    if backbone != DEFAULT_BACKBONE or spelled != IMPLIED_BY_DEFAULT_RECORD or layers:
         record.update(spelled)
         if timm_backbone:
             import timm
@@ -296,7 +300,9 @@ class Embedder:
 
     ``backbone``: a torchvision classification model or ``timm:<name>`` (embed.backbone);
     ``crop``: ``none`` (the whole image resized to ``image_size``) or ``model`` (the
-    model's own centre crop). After ``fit``: ``feature_dim_`` (read from the model by a
+    model's own centre crop); ``layers`` (embed.layers): ``final`` (the model without its
+    classifier), ``auto`` or module names tapped and pooled (triage.backbone.pooled_layers).
+    After ``fit``: ``layers_`` (the tapped modules; ``()`` = final), ``feature_dim_`` (read from the model by a
     forward pass), ``preprocess_`` (the model's config), ``fingerprint_`` and
     ``small_batches_`` (a short batch runs at :meth:`run_size`, not padded to
     ``batch_size``: only where that gives the same bits, see :data:`MIN_BATCH`).
@@ -305,8 +311,10 @@ class Embedder:
     def __init__(self, weights: str = "random", *, backbone: str = DEFAULT_BACKBONE,
                  seed: int = 0, weights_sha256: str | None = None, image_size: int = 224,
                  crop: str = "none", batch_size: int = 64, num_workers: int = 0,
-                 device: str = "auto", precision: str = "fp32", kernels: str = "canonical"):
+                 device: str = "auto", precision: str = "fp32", kernels: str = "canonical",
+                 layers="final"):
         self.weights, self.seed, self.weights_sha256 = weights, seed, weights_sha256
+        self.layers = layers
         self.backbone, self.crop = backbone, crop
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers, self.device, self.precision = num_workers, device, precision
@@ -334,7 +342,11 @@ class Embedder:
         check_image_size(self.backbone, self.image_size, pre)
         self.crop_pct_ = pre.crop_pct if self.crop == "model" else None
         fused = fusable(model)
-        self.model_ = fuse_batchnorm(model).to(self.device_).to(memory_format=torch.channels_last)
+        self.layers_ = resolve_layers(self.layers, self.weights, model)
+        model = fuse_batchnorm(model)
+        if self.layers_:
+            model = pooled_layers(model, self.layers_, self.backbone)
+        self.model_ = model.to(self.device_).to(memory_format=torch.channels_last)
         self.feature_dim_ = probe_feature_dim(self.model_, self.backbone, self.image_size,
                                               self.device_, pre)
         if self.kernels_ == CANONICAL_CPU and self.backbone != DEFAULT_BACKBONE:
@@ -348,7 +360,7 @@ class Embedder:
         self.fingerprint_ = fingerprint(info, self.image_size, self.precision_, self.kernels_,
                                         backbone=self.backbone, feature_dim=self.feature_dim_,
                                         preprocess=pre, crop_pct=self.crop_pct_,
-                                        fused_batchnorm=fused)
+                                        fused_batchnorm=fused, layers=self.layers_)
         return self
 
     def run_size(self, n: int) -> int:

@@ -81,7 +81,7 @@ def operating_metrics(metrics_path: str | Path, name: str) -> dict:
 # --------------------------------------------------------------------------- embedder
 def stored_fingerprint(embeddings_path: str | Path | None) -> dict:
     """The full fingerprint dict of the training embeddings (Parquet schema metadata)."""
-    if embeddings_path is None or not Path(embeddings_path).is_file():
+    if embeddings_path is None or not Path(embeddings_path).exists():  # a file or a directory store
         return {}
     try:
         return read_fingerprint(embeddings_path)
@@ -99,7 +99,8 @@ def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
               precision=embed_params["precision"],
               batch_size=embed_params.get("batch_size", 64), device=embed_params.get("device", "auto"),
               num_workers=embed_params.get("num_workers", 0),
-              kernels=embed_params.get("kernels", "canonical"))
+              kernels=embed_params.get("kernels", "canonical"),
+              layers=embed_params.get("layers", "final"))
     if stored:
         w = str(stored.get("weights", ""))
         # "imagenet:IMAGENET1K_V1", "pretrained:timm/<id>", "ssl:<path>": the keyword
@@ -111,6 +112,8 @@ def embedder_kwargs(embed_params: dict, stored: dict | None = None) -> dict:
             kw["weights_sha256"] = stored["weights_sha256"]  # the same weights file, checked
         full = describe(stored)
         kw["backbone"] = str(full.get("backbone", kw["backbone"]))
+        # a record without layers was made from the model's final features
+        kw["layers"] = list(full["layers"]) if full.get("layers") else "final"
         kw["crop"] = "none" if full.get("crop_pct") is None else "model"
         kw["image_size"] = int(stored.get("image_size", kw["image_size"]))
         kw["precision"] = str(stored.get("precision", kw["precision"]))

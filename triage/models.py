@@ -24,6 +24,7 @@ from sklearn.svm import SVC
 from .canonical import canonical_fit, logistic_regression, snap_relative
 from .errors import PipelineError
 from .io import atomic_path
+from .neighbours import check_backend, exact_knn
 from .splits import kfold, max_folds
 
 # Types a model file may contain beyond skops' defaults (numpy/builtins are trusted): the
@@ -168,7 +169,8 @@ OOD_STATISTIC = "mean Euclidean distance to the k nearest training vectors (embe
 OOD_BLOCK = 8  # query rows per distance block: 8 x 1,506 x 512 float64 differences = 49 MB
 
 
-def knn_distance(X, reference, k: int, *, leave_one_out: bool = False) -> np.ndarray:
+def knn_distance(X, reference, k: int, *, leave_one_out: bool = False,
+                 backend: str = "sklearn") -> np.ndarray:
     """Mean Euclidean distance of each row of ``X`` to its ``k`` nearest rows of
     ``reference`` (with ``leave_one_out``, ``X`` *is* the reference and a row's own
     distance is left out), snapped to 16 significant bits.
@@ -176,12 +178,18 @@ def knn_distance(X, reference, k: int, *, leave_one_out: bool = False) -> np.nda
     Canonical without BLAS: float64 differences, squares and sums along a row (NumPy's
     fixed-order elementwise ops and reductions, as triage.select does), the k smallest
     sorted before their mean; snapped per value (``snap_relative``), so a value does not
-    depend on the other rows of ``X`` (one served image or a batch: the same bits)."""
+    depend on the other rows of ``X`` (one served image or a batch: the same bits).
+    ``backend`` (``cluster.backend``): ``faiss`` finds the k nearest with certified FAISS
+    candidates re-ranked by the same float64 sums (triage.neighbours.exact_knn), so the
+    same bits without the (rows × reference) comparison in NumPy."""
     X = np.asarray(X, dtype=np.float64)
     R = np.asarray(reference, dtype=np.float64)
     k = int(min(k, len(R) - (1 if leave_one_out else 0)))
     if len(X) == 0 or k < 1:
         return np.full(len(X), np.nan)
+    if check_backend(backend) == "faiss":
+        nearest, _ = exact_knn(X, R, k, backend, leave_one_out=leave_one_out)
+        return snap_relative(np.sqrt(nearest).mean(1))
     out = np.empty(len(X))
     for start in range(0, len(X), OOD_BLOCK):
         D = ((X[start:start + OOD_BLOCK, None, :] - R[None]) ** 2).sum(-1)
@@ -193,26 +201,36 @@ def knn_distance(X, reference, k: int, *, leave_one_out: bool = False) -> np.nda
     return snap_relative(out)
 
 
-def ood_reference(X_train, k: int, quantile: float) -> dict:
+def ood_reference(X_train, k: int, quantile: float, backend: str = "sklearn") -> dict:
     """The bundle's ``ood`` field: the training vectors themselves (float32, as embedded:
     a PCA copy would be blind to exactly the directions the training images do not span)
     and the threshold, the ``quantile`` of the same statistic over the training vectors,
-    each left out of its own neighbours."""
+    each left out of its own neighbours. ``backend`` (``cluster.backend``) finds the
+    neighbours (:func:`knn_distance`: the same bits either way); a non-default one is
+    recorded in the field so serving searches the same way, the default is not written
+    (bundles keep their bytes, and older bundles read as ``sklearn``)."""
+    check_backend(backend)
     R = np.ascontiguousarray(X_train, dtype=np.float32)
     if len(R) < 2:
         raise PipelineError("ood: the training set needs at least 2 images for a reference")
-    loo = knn_distance(R, R, k, leave_one_out=True)
+    loo = knn_distance(R, R, k, leave_one_out=True, backend=backend)
     threshold = float(snap_relative([np.quantile(loo, quantile)])[0])
-    return {"reference": R, "k": int(min(k, len(R) - 1)), "quantile": float(quantile),
-            "threshold": threshold, "statistic": OOD_STATISTIC}
+    out = {"reference": R, "k": int(min(k, len(R) - 1)), "quantile": float(quantile),
+           "threshold": threshold, "statistic": OOD_STATISTIC}
+    if backend != "sklearn":
+        out["backend"] = backend
+    return out
 
 
-def ood_flags(ood: dict | None, X) -> np.ndarray | None:
+def ood_flags(ood: dict | None, X, backend: str | None = None) -> np.ndarray | None:
     """True for each row of ``X`` farther from the training vectors than the bundle's
-    threshold (``ood`` is a bundle's ``ood`` field); None for a bundle without one."""
+    threshold (``ood`` is a bundle's ``ood`` field); None for a bundle without one.
+    ``backend``: the neighbour search (``cluster.backend``); None = the one the bundle
+    records, ``sklearn`` for a bundle that records none."""
     if not ood:
         return None
-    return knn_distance(X, ood["reference"], ood["k"]) > float(ood["threshold"])
+    backend = ood.get("backend", "sklearn") if backend is None else backend
+    return knn_distance(X, ood["reference"], ood["k"], backend=backend) > float(ood["threshold"])
 
 
 def _canonical_skops(data: bytes) -> bytes:

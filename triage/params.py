@@ -138,11 +138,30 @@ class Window(Spec):
         if value[1] < 1:
             raise ParamsError(f"params: '{key}[1]' (the width) must be >= 1, got {value[1]!r}")
 
+class Layers(Spec):
+    """``auto`` | ``final`` | a non-empty list of distinct module names (tapped and pooled,
+    triage.backbone.pooled_layers; the names are checked against the model when it is
+    built). Only ``embed.layers``."""
+
+    def check(self, key: str, value: Any) -> None:
+        if isinstance(value, (str, bool)):  # a bool: an unquoted yes/no, say to quote it
+            Spec(STR, choices=("auto", "final")).check(key, value)
+            return
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"params: '{key}' must be auto, final or a non-empty list of "
+                              f"module names (e.g. [layer1, layer2]), got "
+                              f"{type(value).__name__} {value!r}")
+        for i, name in enumerate(value):
+            Spec(STR).check(f"{key}[{i}]", name)
+        if len(set(value)) != len(value):
+            raise ParamsError(f"params: '{key}' names a module twice, got {value!r}")
+
+
 # The single source of truth for which keys exist. Adding a param = add it here and
 # in params.yaml (tests check both agree).
 SCHEMA: dict[str, Any] = {
     "data": {
-        "source": Spec(STR, choices=("demo", "folder")),
+        "source": Spec(STR, choices=("demo", "folder", "archive")),
         "root": Spec(STR),
         "positive_class": Spec(STR),
         "test_fraction": Spec(NUM, min=0.05, max=0.9),
@@ -188,13 +207,18 @@ SCHEMA: dict[str, Any] = {
         "seed": Spec(INT, min=0),
         "image_size": Spec(INT, min=32, max=1024),
         "crop": Spec(STR, choices=("none", "model")),
+        "layers": Layers(STR),
         "batch_size": Spec(INT, min=1),
         "num_workers": Spec(INT, min=-1),
         "device": Spec(STR, choices=("auto", "cpu", "cuda")),
         "precision": Spec(STR, choices=("fp32", "bf16", "auto")),
         "kernels": Spec(STR, choices=("canonical", "fast")),
-        # where the per-image work runs (not in the fingerprint: the same vectors either way)
+        # where the per-image work runs (not in the fingerprint: the same vectors either way);
+        # prepare's read + hash and qc's full decode follow it too (the same manifests)
         "engine": Spec(STR, choices=("local", "ray")),
+        # the store's layout at data/features/embeddings.parquet (not in the fingerprint:
+        # the same rows and vectors either way; triage.store)
+        "store": Spec(STR, choices=("file", "partitioned")),
     },
     "cluster": {
         "pca_components": Spec(INT, min=2),
@@ -204,6 +228,9 @@ SCHEMA: dict[str, Any] = {
         "k_max": Spec(INT, min=2),
         "min_cluster_size": Spec(INT, min=2),
         "seed": Spec(INT, min=0),
+        # the library of every vector search, not only k-means: label spreading's kNN graph,
+        # select's k-center, the report's nearest labelled images, the OOD/drift kNN
+        # (triage.neighbours); the exact searches give the same results either way
         "backend": Spec(STR, choices=("sklearn", "faiss")),
     },
     "pseudo": {

@@ -17,6 +17,8 @@ index (pseudonymous path and patient; a rejected file keeps its reason as ``read
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,28 @@ def describe_file(path: Path, root: Path | None = None, links_outside_root: str 
     return row
 
 
+def scan_file(path: Path, root: Path | None = None, links_outside_root: str = "follow",
+              skip_dicom: bool = False) -> dict | None:
+    """The per-file work of the scan: None for a DICOM file of the layout the deid stage
+    reads (``skip_dicom``), else :func:`describe_file`'s row (read, hash, header)."""
+    if skip_dicom and dicom_in_layout(path, root, links_outside_root):
+        return None
+    return describe_file(path, root, links_outside_root)
+
+
+# map_fn(fn, items) -> fn(item) for each item, in order: where the per-file work runs
+# (None: here, one file after the other; embed.engine: ray passes triage.ray_tasks.map_ordered)
+MapFn = Callable[[Callable, list], object]
+
+
+def scan_files(paths: list[Path], root: Path | None = None, links_outside_root: str = "follow",
+               skip_dicom: bool = False, map_fn: MapFn | None = None) -> list[dict | None]:
+    """:func:`scan_file` of every path, in input order, run by ``map_fn`` (same rows)."""
+    fn = partial(scan_file, root=root, links_outside_root=links_outside_root,
+                 skip_dicom=skip_dicom)
+    return [fn(p) for p in paths] if map_fn is None else list(map_fn(fn, paths))
+
+
 def is_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: 128-byte preamble then ``DICM`` (any extension)."""
     return len(data) >= 132 and data[128:132] == b"DICM"
@@ -174,8 +198,8 @@ def _refuse_loose(folder: Path, names: list[str]) -> None:
 
 
 def _scan_classes(folder: Path, split: str, root: Path | None = None,
-                  links_outside_root: str = "follow",
-                  skip_dicom: bool = False) -> tuple[list[dict], int, list[tuple]]:
+                  links_outside_root: str = "follow", skip_dicom: bool = False,
+                  map_fn: MapFn | None = None) -> tuple[list[dict], int, list[tuple]]:
     """Rows of ``folder/<class>/**``, hidden files counted, and (split, label) of each
     DICOM file left to the deid index (``skip_dicom``)."""
     rows, hidden, dicom = [], 0, []
@@ -185,17 +209,19 @@ def _scan_classes(folder: Path, split: str, root: Path | None = None,
     loose = [name for name in loose if not name.startswith(".")]
     if loose:
         _refuse_loose(folder, loose)
+    listed = []  # every class's files first, then one scan_files call: one batch of work
     for cls_dir in classes:
         files, h = list_files(cls_dir)
         hidden += h
         if not files:
             raise DataError(f"empty class folder: {cls_dir} (remove it or add images)")
-        for f in files:
-            if skip_dicom and dicom_in_layout(f, root, links_outside_root):
-                dicom.append((split, cls_dir.name))
-                continue
-            rows.append({**describe_file(f, root, links_outside_root), "split": split,
-                         "label": cls_dir.name})
+        listed += [(f, cls_dir.name) for f in files]
+    scanned = scan_files([f for f, _ in listed], root, links_outside_root, skip_dicom, map_fn)
+    for (_, label), row in zip(listed, scanned):
+        if row is None:
+            dicom.append((split, label))
+            continue
+        rows.append({**row, "split": split, "label": label})
     return rows, hidden, dicom
 
 
@@ -320,7 +346,8 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
                    annotations: str | Path | None = None, links_outside_root: str = "follow",
                    min_per_class: int = 1, min_per_class_why: str = "",
                    deid_index: str | Path | None = None,
-                   patients: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+                   patients: str | Path | None = None,
+                   map_fn: MapFn | None = None) -> tuple[pd.DataFrame, dict]:
     """Scan ``root`` and return (manifest, info). Structural problems raise DataError.
 
     ``links_outside_root`` (``data.links_outside_root``): ``follow`` reads a file reached
@@ -337,12 +364,17 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     reason) stand in for them, and their counts per split and class must match the layout.
     Without it a DICOM file is a ``dicom_not_supported`` row. ``patients``: optional
     ``path,patient`` CSV for the other images (:func:`read_patients`).
+
+    ``map_fn``: where the per-file work (:func:`scan_file`: read, sha256, header) runs
+    (:func:`scan_files`; ``embed.engine: ray``: Ray tasks); the rows and so the manifest are
+    the same.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (set data.root or data.source: demo)")
     skip = deid_index is not None
-    rows, hidden, dicom = _scan_classes(root / "labeled", "labeled", root, links_outside_root, skip)
+    rows, hidden, dicom = _scan_classes(root / "labeled", "labeled", root, links_outside_root, skip,
+                                        map_fn)
     classes = sorted({r["label"] for r in rows} | {label for _, label in dicom})
     if positive_class not in classes:
         raise DataError(f"positive class '{positive_class}' (data.positive_class) not among the "
@@ -355,17 +387,17 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     if unlabeled.is_dir():
         files, h = list_files(unlabeled)
         hidden += h
-        for f in files:
-            if skip and dicom_in_layout(f, root, links_outside_root):
+        for row in scan_files(files, root, links_outside_root, skip, map_fn):
+            if row is None:
                 dicom.append(("unlabeled", None))
                 continue
-            rows.append({**describe_file(f, root, links_outside_root), "split": "unlabeled",
-                         "label": None})
+            rows.append({**row, "split": "unlabeled", "label": None})
 
     test_dir = root / "test"
     labeled_df = None
     if test_dir.is_dir():
-        test_rows, h, test_dicom = _scan_classes(test_dir, "test", root, links_outside_root, skip)
+        test_rows, h, test_dicom = _scan_classes(test_dir, "test", root, links_outside_root, skip,
+                                                 map_fn)
         hidden += h
         dicom += test_dicom
         extra = sorted(({r["label"] for r in test_rows} | {label for _, label in test_dicom})
@@ -378,7 +410,7 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
         test_source = "split"
     n_deid = 0
     if skip:
-        deid_rows = deid_manifest_rows(deid_index, dicom)
+        deid_rows = deid_manifest_rows(deid_index, dicom, map_fn)
         n_deid = len(deid_rows)
         rows += deid_rows
     df = pd.DataFrame(rows, columns=[f.name for f in MANIFEST_SCHEMA])
@@ -414,7 +446,8 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
 
 
 # --------------------------------------------------------------------------- DICOM (deid index)
-def deid_manifest_rows(index: str | Path, dicom: list[tuple]) -> list[dict]:
+def deid_manifest_rows(index: str | Path, dicom: list[tuple],
+                       map_fn: MapFn | None = None) -> list[dict]:
     """Manifest rows for the DICOM files of the layout, from the deid stage's index.
 
     A de-identified image is described like any file (its id is the sha256 of the PNG
@@ -438,8 +471,12 @@ def deid_manifest_rows(index: str | Path, dicom: list[tuple]) -> list[dict]:
         raise DataError(f"{path} lists {len(idx)} DICOM files, the layout has {len(dicom)} (or "
                         f"they are in other folders): it was made from other data; run the deid "
                         f"stage again (`dvc repro`)")
+    records = list(idx.itertuples(index=False))
+    # the de-identified PNGs' per-file work in one call (a rejected file has none to read)
+    described = iter(scan_files([Path(r.path) for r in records if not isinstance(r.reason, str)],
+                                map_fn=map_fn))
     rows = []
-    for r in idx.itertuples(index=False):
+    for r in records:
         label = r.label if isinstance(r.label, str) else None
         patient = r.patient if isinstance(r.patient, str) else None
         if isinstance(r.reason, str):
@@ -449,7 +486,7 @@ def deid_manifest_rows(index: str | Path, dicom: list[tuple]) -> list[dict]:
                          "patient": patient,
                          "read_error": f"{r.reason}: {detail}" if detail else r.reason})
         else:
-            rows.append({**describe_file(Path(r.path)), "split": r.split, "label": label,
+            rows.append({**next(described), "split": r.split, "label": label,
                          "patient": patient})
     return rows
 

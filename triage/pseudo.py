@@ -13,12 +13,15 @@ Strategies (``pseudo.strategy``):
   accept the top of each class up to a per-class quota that grows each round → refit
   on labelled + accepted (weighted by confidence).
 - ``label_spreading``: scikit-learn ``LabelSpreading`` on a kNN graph of labelled + pool
-  points in a PCA space fitted on them (unsupervised), with the same quotas.
+  points in a PCA space fitted on them (unsupervised), with the same quotas; the graph's
+  neighbours are found by ``cluster.backend`` (scikit-learn's own ``kernel="knn"``, or
+  FAISS through triage.neighbours).
 - ``consensus``: ``self_training`` and ``label_spreading`` (and ``cluster_vote`` when
   clusters are given); accepted only where at least two agree.
 
-Every labeller has one interface (``PseudoLabeler``): ``from_params(p, positive)`` builds
-it from the ``pseudo.*`` params, ``fit_predict(PoolData)`` labels the pool. ``LABELLERS``
+Every labeller has one interface (``PseudoLabeler``): ``from_params(p, positive, backend)``
+builds it from the ``pseudo.*`` params and ``cluster.backend`` (the vector-search library,
+read by label spreading only), ``fit_predict(PoolData)`` labels the pool. ``LABELLERS``
 maps each ``pseudo.strategy`` choice to its labeller; ``run_strategy`` looks one up.
 
 Class-prior control: the pool's class prior is ``pseudo.class_prior`` (the positive
@@ -40,6 +43,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .canonical import canonical_fit, canonical_reducer, logistic_regression, snap_relative
+from .neighbours import KnnKernel, check_backend
 from .params import SCHEMA
 from .splits import kfold
 
@@ -239,8 +243,9 @@ class PseudoLabeler(ABC):
 
     @classmethod
     @abstractmethod
-    def from_params(cls, p: dict, positive: str) -> PseudoLabeler:
-        """Built from the ``pseudo.*`` params ``p`` (seed ``p['seed']``)."""
+    def from_params(cls, p: dict, positive: str, backend: str = "sklearn") -> PseudoLabeler:
+        """Built from the ``pseudo.*`` params ``p`` (seed ``p['seed']``) and
+        ``cluster.backend`` (``backend``: the library of its vector searches, if any)."""
 
     @abstractmethod
     def fit_predict(self, data: PoolData) -> pd.DataFrame:
@@ -264,7 +269,7 @@ class ClusterVotePseudoLabeler(PseudoLabeler):
         self.balance_classes = balance_classes
 
     @classmethod
-    def from_params(cls, p: dict, positive: str) -> ClusterVotePseudoLabeler:
+    def from_params(cls, p: dict, positive: str, backend: str = "sklearn") -> ClusterVotePseudoLabeler:
         return cls(p["min_purity"], p["min_support"], p["balance_classes"])
 
     def fit_predict(self, data: PoolData) -> pd.DataFrame:
@@ -300,7 +305,7 @@ class ConfidencePseudoLabeler(PseudoLabeler):
         self.balance_classes, self.random_state = balance_classes, random_state
 
     @classmethod
-    def from_params(cls, p: dict, positive: str) -> ConfidencePseudoLabeler:
+    def from_params(cls, p: dict, positive: str, backend: str = "sklearn") -> ConfidencePseudoLabeler:
         return cls(p["confidence_threshold"], p["C"], p["balance_classes"], random_state=p["seed"])
 
     def fit_predict(self, data: PoolData) -> pd.DataFrame:
@@ -347,7 +352,8 @@ class SelfTrainingPseudoLabeler(PseudoLabeler):
         self.random_state = random_state
 
     @classmethod
-    def from_params(cls, p: dict, positive: str) -> SelfTrainingPseudoLabeler:
+    def from_params(cls, p: dict, positive: str,
+                    backend: str = "sklearn") -> SelfTrainingPseudoLabeler:
         return cls(positive, p["rounds"], p["max_fraction"], p["min_confidence"], p["C"],
                    p["pca_components"], p.get("class_prior"), p["round_weight"], p["seed"])
 
@@ -391,6 +397,13 @@ class LabelSpreadingPseudoLabeler(PseudoLabeler):
     Label distributions are read as P(class) under the labelled set's 50/50 prior,
     re-weighted to the pool prior, then the most probable points of each class are kept
     up to its quota.
+
+    ``backend`` (``cluster.backend``) finds the graph's neighbours: ``sklearn`` is
+    scikit-learn's ``kernel="knn"`` (the committed path, untouched); ``faiss`` passes the
+    same connectivity graph (each point's ``n_neighbors`` nearest, itself included) as a
+    callable kernel built by triage.neighbours (exact distances, ties to the lower index:
+    the same graph unless a point's n-th neighbour is tied, where scikit-learn's pick is
+    argpartition's; tests/test_faiss.py states the agreement).
     """
 
     name = "label_spreading"
@@ -398,17 +411,19 @@ class LabelSpreadingPseudoLabeler(PseudoLabeler):
     def __init__(self, positive: str, n_neighbors: int = 10, alpha: float = 0.2,
                  max_fraction: float = 0.5, threshold: float = 0.5, C: float = 0.03,
                  pca_components: int = 32, class_prior: float | None = None,
-                 random_state: int = 0):
+                 random_state: int = 0, backend: str = "sklearn"):
         self.positive, self.n_neighbors, self.alpha = positive, n_neighbors, alpha
         self.max_fraction, self.threshold, self.C = max_fraction, threshold, C
         self.pca_components, self.class_prior = pca_components, class_prior
         self.random_state = random_state
+        self.backend = check_backend(backend)
 
     @classmethod
-    def from_params(cls, p: dict, positive: str) -> LabelSpreadingPseudoLabeler:
+    def from_params(cls, p: dict, positive: str,
+                    backend: str = "sklearn") -> LabelSpreadingPseudoLabeler:
         return cls(positive, p["n_neighbors"], p["spreading_alpha"], p["max_fraction"],
                    p["min_confidence"], p["C"], p["pca_components"], p.get("class_prior"),
-                   p["seed"])
+                   p["seed"], backend=backend)
 
     def fit_predict(self, data: PoolData) -> pd.DataFrame:
         from sklearn.semi_supervised import LabelSpreading
@@ -421,7 +436,11 @@ class LabelSpreadingPseudoLabeler(PseudoLabeler):
         Z = np.concatenate([Z_lab, Z_pool])
         target = np.r_[y, -np.ones(len(Z_pool), int)]
         k = int(min(self.n_neighbors, len(Z) - 1))
-        ls = LabelSpreading(kernel="knn", n_neighbors=k, alpha=self.alpha, max_iter=100)
+        if self.backend == "sklearn":
+            ls = LabelSpreading(kernel="knn", n_neighbors=k, alpha=self.alpha, max_iter=100)
+        else:
+            ls = LabelSpreading(kernel=KnnKernel(k, self.backend), alpha=self.alpha,
+                                max_iter=100)
         ls.fit(Z, target)
         dist = snap_relative(ls.label_distributions_[len(Z_lab):])
         # Spread mass follows the labelled class ratio: divide by the class counts so the
@@ -471,8 +490,8 @@ class ConsensusPseudoLabeler(PseudoLabeler):
         self.members, self.min_agree = list(members), min_agree
 
     @classmethod
-    def from_params(cls, p: dict, positive: str) -> ConsensusPseudoLabeler:
-        return cls([member.from_params(p, positive) for member in cls.MEMBERS])
+    def from_params(cls, p: dict, positive: str, backend: str = "sklearn") -> ConsensusPseudoLabeler:
+        return cls([member.from_params(p, positive, backend) for member in cls.MEMBERS])
 
     def fit_predict(self, data: PoolData) -> pd.DataFrame:
         return consensus([m.fit_predict(data) for m in self.members
@@ -495,13 +514,15 @@ def labeller_for(strategy: str) -> type[PseudoLabeler]:
 
 
 def run_strategy(p: dict, positive: str, pool_ids, X_pool, X_lab, y_lab,
-                 pool_clusters=None, lab_clusters=None, lab_groups=None) -> pd.DataFrame:
+                 pool_clusters=None, lab_clusters=None, lab_groups=None,
+                 backend: str = "sklearn") -> pd.DataFrame:
     """The labeller ``p['strategy']`` built from the ``pseudo.*`` params ``p`` (seed
     ``p['seed']``), fitted on this pool: the one entry point the stage and the
     cross-validation share. ``pool_clusters``/``lab_clusters`` are needed by cluster_vote;
     ``pool_clusters`` excludes HDBSCAN noise (cluster -1) in every strategy;
-    ``lab_groups`` keeps each split group on one side of the calibration folds."""
-    return labeller_for(p["strategy"]).from_params(p, positive).fit_predict(
+    ``lab_groups`` keeps each split group on one side of the calibration folds;
+    ``backend`` is ``cluster.backend`` (label spreading's neighbour search)."""
+    return labeller_for(p["strategy"]).from_params(p, positive, backend).fit_predict(
         PoolData(pool_ids, X_pool, X_lab, y_lab, pool_clusters, lab_clusters, lab_groups))
 
 

@@ -11,7 +11,9 @@ Order of the checks (an image gets the reason of the first check it fails):
    ``dicom_compressed``, ``dicom_unreadable``, ``burned_in``, ``dicom_no_pixels``,
    ``multi_frame``;
 2. full decode (in parallel): ``too_large`` (qc.max_pixels), ``decode_error``
-   (truncated, corrupt), ``unsupported_mode`` (qc.convert_modes: false);
+   (truncated, corrupt), ``unsupported_mode`` (qc.convert_modes: false); before it, in
+   archive mode, the bytes against the manifest: ``hash_mismatch``, ``missing_file``
+   (triage.qc_cache, which also skips the decode of contents decoded in an earlier run);
 3. geometry and content: the per-image rules of ``IMAGE_RULES``, shared with
    ``inference.qc_image``: ``too_small`` (qc.min_side), ``aspect_outlier``
    (qc.max_aspect), ``blank`` (qc.min_std); then ``size_outlier`` (qc.size_outlier_factor
@@ -38,6 +40,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,16 +71,18 @@ def inspect_image(path: str, max_pixels: int, convert_modes: bool = True) -> dic
 
     Returns decode_error (``reason: detail`` or None), mean/std of the greyscale pixels
     (0-255), note, phash (16 hex digits), hist (HIST_BINS shares of the pixels, summing
-    to 1) and mode (after decode).
+    to 1) and mode (after decode); width, height and format from the header (archive mode:
+    prepare read no header, these fill the manifest's).
     """
     out = {"decode_error": None, "mean": None, "std": None, "note": None, "phash": None,
-           "hist": None, "mode": None}
+           "hist": None, "mode": None, "width": None, "height": None, "format": None}
     notes = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
+                out["width"], out["height"], out["format"] = w, h, im.format
                 if w * h > max_pixels:
                     out["decode_error"] = f"too_large: {w}x{h} > qc.max_pixels={max_pixels}"
                     return out
@@ -141,8 +146,15 @@ def resolve_workers(workers: int) -> int:
 
 
 def inspect_all(paths: list[str], max_pixels: int, workers: int = 0,
-                convert_modes: bool = True) -> list[dict]:
-    """Decode in parallel (``workers=0`` → all cores), results in input order."""
+                convert_modes: bool = True, map_fn: Callable | None = None) -> list[dict]:
+    """Decode in parallel (``workers=0`` → all cores), results in input order.
+
+    ``map_fn(fn, items)`` (``embed.engine: ray``: triage.ray_tasks.map_ordered, Ray tasks;
+    ``workers`` is then the cluster's business) runs the same :func:`inspect_image` of each
+    path elsewhere, results in input order: the same results."""
+    if map_fn is not None:
+        fn = partial(inspect_image, max_pixels=max_pixels, convert_modes=convert_modes)
+        return list(progress(map_fn(fn, paths), total=len(paths), desc="qc decode", unit="img"))
     workers = resolve_workers(workers)
     jobs = [(p, max_pixels, convert_modes) for p in paths]
     if workers == 1 or len(jobs) < 64:
@@ -295,14 +307,19 @@ class _Verdicts:
 def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: float,
            max_aspect: float, leakage_policy: str, workers: int, convert_modes: bool,
            size_outlier_factor: float, size_outlier_policy: str, near_dup_hamming: int,
-           near_dup_policy: str, test_source: str = "folder") -> QCReport:
+           near_dup_policy: str, test_source: str = "folder",
+           map_fn: Callable | None = None, decode_cache: Callable | None = None) -> QCReport:
     """Apply every check to the manifest; see module docstring for the order and guarantees.
 
     The keywords are the ``qc`` section of params.yaml, which holds their defaults, and
     ``test_source`` (prepare's manifest metadata): ``split`` when the pipeline drew the
     test set from the labelled images, so QC may move a test image back to the labelled
     side to keep its near-duplicate group together; ``folder`` (a given ``test/``, the safe
-    assumption) applies ``qc.leakage_policy`` instead."""
+    assumption) applies ``qc.leakage_policy`` instead. ``decode_cache(rows, decode)``
+    (triage.qc_cache.DecodeCache): per-image results of earlier runs by content, so only
+    new contents are decoded (``decode(paths)`` = the decode below); the same report.
+    ``map_fn``: where the full decode runs (:func:`inspect_all`; ``embed.engine: ray``), the
+    same report either way."""
     params = dict(min_side=min_side, max_pixels=max_pixels, min_std=min_std, max_aspect=max_aspect,
                   leakage_policy=leakage_policy, convert_modes=convert_modes,
                   size_outlier_factor=size_outlier_factor, size_outlier_policy=size_outlier_policy,
@@ -313,7 +330,7 @@ def run_qc(manifest: pd.DataFrame, *, min_side: int, max_pixels: int, min_std: f
     # Cheap checks before expensive ones, and content checks before duplicate search: a
     # broken or blank image must not become the kept copy of a duplicate group.
     _flag_scan_errors(df, v)
-    _decode(df, v, max_pixels, workers, convert_modes)
+    _decode(df, v, max_pixels, workers, convert_modes, map_fn, decode_cache)
     _apply_image_rules(df, v, params)
     size = _size_outliers(df, v, size_outlier_factor, size_outlier_policy)
     _flag_label_conflicts(df, v)
@@ -340,12 +357,20 @@ def _flag_scan_errors(df: pd.DataFrame, v: _Verdicts) -> None:
     v.flag(err.ne(""), err.str.split(":").str[0], err)
 
 
-def _decode(df: pd.DataFrame, v: _Verdicts, max_pixels: int, workers: int, convert_modes: bool) -> None:
+def _decode(df: pd.DataFrame, v: _Verdicts, max_pixels: int, workers: int, convert_modes: bool,
+            map_fn: Callable | None = None, decode_cache: Callable | None = None) -> None:
     """Full decode of what the scan let through: measurements into ``df``, failures into ``v``."""
     todo = v.ok
-    results = inspect_all(df.loc[todo, "path"].tolist(), max_pixels, workers, convert_modes)
+
+    def decode(paths: list[str]) -> list[dict]:
+        return inspect_all(paths, max_pixels, workers, convert_modes, map_fn)
+
+    results = (decode(df.loc[todo, "path"].tolist()) if decode_cache is None
+               else decode_cache(df.loc[todo], decode))
     res = pd.DataFrame(results, index=df.index[todo],
-                       columns=["decode_error", "mean", "std", "note", "phash", "hist", "mode"])
+                       columns=["decode_error", "mean", "std", "note", "phash", "hist", "mode",
+                                "width", "height", "format"])
+    _fill_header(df, res)
     df["mean"], df["std"] = np.nan, np.nan
     for col in ("phash", "hist", "decoded_mode"):
         df[col] = pd.Series([None] * len(df), dtype=object)
@@ -357,6 +382,20 @@ def _decode(df: pd.DataFrame, v: _Verdicts, max_pixels: int, workers: int, conve
     _keep_decode_notes(res["note"], v)
     derr = res["decode_error"].reindex(df.index).fillna("")
     v.flag(derr.ne(""), derr.str.split(":").str[0], derr)
+
+
+def _fill_header(df: pd.DataFrame, res: pd.DataFrame) -> None:
+    # Archive mode: prepare opened no file, so width/height/mode/format come from the
+    # decode (the same header fields prepare reads in folder mode, where none is missing
+    # and nothing changes here).
+    missing = res.index[df.loc[res.index, "width"].isna().to_numpy() & res["width"].notna().to_numpy()]
+    if not len(missing):
+        return
+    for col in ("width", "height", "mode", "format"):
+        df[col] = df[col].astype(object)
+        df.loc[missing, col] = res.loc[missing, col]
+    for col in ("width", "height"):
+        df[col] = df[col].astype("Int64")
 
 
 def _keep_decode_notes(decode_notes: pd.Series, v: _Verdicts) -> None:

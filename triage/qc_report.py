@@ -102,6 +102,8 @@ LABELS = {
     "reason/dicom_no_pixels": "DICOM without an image",
     "reason/multi_frame": "Multi-frame DICOM (deid.multi_frame: quarantine)",
     "reason/dicom_not_supported": "DICOM outside the deid stage",
+    "reason/hash_mismatch": "File differs from its archive manifest entry (sha256 or size)",
+    "reason/missing_file": "No file at the archive manifest's path",
     "qc.min_side": "Minimum image side (px)",
     "qc.max_pixels": "Maximum pixels per image",
     "qc.min_std": "Minimum pixel standard deviation (0-255)",

@@ -20,49 +20,24 @@ splits between two calls may run with other batch-mates: those vectors are alrea
 machine-dependent (their fingerprint says so) and may differ in the last bits from a local
 run's (a warning says it).
 
-Ray is imported only here, inside functions: the local engine never imports it.
+Ray itself (:func:`session`, :func:`init_kwargs`: RAY_ADDRESS) is triage/ray_tasks.py's,
+shared with the prepare and qc stages' per-file work under the same switch.
+
+Ray is imported only inside functions: the local engine never imports it.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
 from .errors import PipelineError
 from .io import log
+from .ray_tasks import LOCAL_INIT, init_kwargs, session  # noqa: F401 - this module's API too
 
-# what a local Ray is started with when RAY_ADDRESS is unset (besides num_cpus)
-LOCAL_INIT = {"include_dashboard": False, "log_to_driver": False}
 # CPUs a decode task asks for (light beside the network's; not the actors' 1, see compute_fn)
 DECODE_CPUS = 0.5
-
-
-def init_kwargs(environ=None, cores: int | None = None) -> dict:
-    """``ray.init`` arguments: RAY_ADDRESS set → join that cluster; unset → a local Ray on
-    ``cores`` CPUs (this machine's), without dashboard or worker logs on the driver."""
-    environ = os.environ if environ is None else environ
-    address = environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        return {"address": address}
-    return {"num_cpus": int(cores or os.cpu_count() or 1), **LOCAL_INIT}
-
-
-@contextmanager
-def session(environ=None, cores: int | None = None):
-    """Ray for the length of a block: started (:func:`init_kwargs`) and shut down at the end,
-    unless the process already runs one (a test's, a notebook's), which is left as it is."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(**init_kwargs(environ, cores))
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def embedder_kwargs(embedder) -> dict:
@@ -72,7 +47,7 @@ def embedder_kwargs(embedder) -> dict:
             "weights_sha256": embedder.weights_sha256, "image_size": embedder.image_size,
             "crop": embedder.crop, "batch_size": embedder.batch_size, "num_workers": 0,
             "device": embedder.device_, "precision": embedder.precision,
-            "kernels": embedder.kernels}
+            "kernels": embedder.kernels, "layers": embedder.layers}
 
 
 def decode(batch: dict, *, image_size: int, interpolation: str, crop_pct) -> dict:
@@ -150,7 +125,10 @@ def compute_fn(embedder, *, actors: int | None = None):
         context.enable_progress_bars = False
         n = actors or default_actors(embedder.device_)
         size = embedder.batch_size
-        dataset = ray.data.from_items([{"idx": i, "path": str(p)} for i, p in enumerate(paths)])
+        # absolute: a joined cluster's workers (RAY_ADDRESS) start in the head's working
+        # directory, where the manifest's relative paths name other files or none
+        dataset = ray.data.from_items([{"idx": i, "path": os.path.abspath(p)}
+                                       for i, p in enumerate(paths)])
         # DECODE_CPUS differs from the actors' CPUs, so Ray does not fuse decoding into the
         # actors: it runs in tasks of its own, overlapping the network's work
         dataset = dataset.map_batches(

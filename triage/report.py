@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .canonical import snap
+from .neighbours import cosine_knn
 from .pages import (
     BASE_CSS,
     PAGE_END,
@@ -74,24 +74,26 @@ class Groups:
                 f"group point to a kind of image the model handles badly.")
 
 
-def nearest_labelled(X_query: np.ndarray, X_labelled: np.ndarray, k: int = N_NEIGHBOURS) -> np.ndarray:
-    """Indices of the k most cosine-similar labelled vectors for each query row."""
-    def unit(a):
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-
-    # snapped per row (triage.canonical): a BLAS product; equal similarities must tie
-    # exactly so the stable sort, not rounding noise, orders them
-    sims = snap(unit(X_query.astype(np.float64)) @ unit(X_labelled.astype(np.float64)).T, axis=1)
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return order
+def nearest_labelled(X_query: np.ndarray, X_labelled: np.ndarray, k: int = N_NEIGHBOURS,
+                     backend: str = "sklearn") -> np.ndarray:
+    """Indices of the k most cosine-similar labelled vectors for each query row, most
+    similar first: similarities snapped per row (triage.canonical) so equal ones tie
+    exactly and a stable sort gives them to the lower index. ``backend``
+    (``cluster.backend``) finds them: every pair (one BLAS product), or certified FAISS
+    candidates on unit vectors (triage.neighbours.cosine_knn): the same indices."""
+    k = min(int(k), len(X_labelled))
+    if k < 1:
+        return np.zeros((len(X_query), 0), dtype=np.int64)
+    return cosine_knn(X_query, X_labelled, k, backend)
 
 
 def error_table(pred: pd.DataFrame, rows: pd.DataFrame, X: np.ndarray, clusters: pd.Series,
-                positive: str, threshold: float) -> pd.DataFrame:
+                positive: str, threshold: float, backend: str = "sklearn") -> pd.DataFrame:
     """False negatives then false positives on test, with cluster and labelled neighbours.
 
     ``pred``: id, label, proba for one model on test; ``rows``: embedding rows (id, split,
-    label, path) aligned with ``X``; ``clusters``: cluster id by image id.
+    label, path) aligned with ``X``; ``clusters``: cluster id by image id; ``backend``:
+    ``cluster.backend``, the library of the nearest-labelled search.
     """
     y = pred["label"] == positive
     flagged = pred["proba"] >= threshold
@@ -105,7 +107,7 @@ def error_table(pred: pd.DataFrame, rows: pd.DataFrame, X: np.ndarray, clusters:
     lab = np.flatnonzero((rows["split"] == "labeled").to_numpy())
     if len(err) and len(lab):
         q = X[index.loc[err["id"]].to_numpy()]
-        nn = nearest_labelled(q, X[lab])
+        nn = nearest_labelled(q, X[lab], backend=backend)
         err["neighbours"] = [[(rows["path"].iloc[lab[j]], rows["label"].iloc[lab[j]])
                               for j in row] for row in nn]
     else:
@@ -433,10 +435,14 @@ def _data_and_provenance(params: dict, metrics: dict) -> list[str]:
 
 def _method(params: dict, metrics: dict) -> list[str]:
     t, emb = params["train"], metrics.get("embed", {})
+    backbone, layers = params["embed"].get("backbone", "resnet18"), emb.get("layers")
+    # embed.layers: tapped stages (the resolved list, as the fingerprint records it) or final
+    what = (f"`{backbone}` stages {', '.join(f'`{n}`' for n in layers)} (each average- and "
+            f"max-pooled, `embed.layers`)" if layers else
+            f"`{backbone}` without its classification head")
     return [
         "## Method",
-        f"- Features: `{params['embed'].get('backbone', 'resnet18')}` without its classification "
-        f"head, weights `{params['embed']['weights']}`, {params['embed']['image_size']} px "
+        f"- Features: {what}, weights `{params['embed']['weights']}`, {params['embed']['image_size']} px "
         f"greyscale → {emb.get('feature_dim', 'n/a')}-d (fingerprint "
         f"`{emb.get('fingerprint', 'see metrics/embed')}`).",
         f"- Classifier: `{t['model']}` (C={t['C']}, class weight {t['class_weight']}, "

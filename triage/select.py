@@ -11,6 +11,11 @@ Two ingredients, so a batch is both informative and not redundant:
   ``cluster`` = round-robin over the pool clusters (most uncertain first in each);
   ``none`` = plain top-uncertainty.
 
+The nearest-neighbour searches (each candidate's distance to the labelled set, the pool's
+nearest-other distances) are found by ``cluster.backend`` (triage.neighbours: NumPy, or
+certified FAISS candidates re-ranked with the same float64 distances, so the same bits);
+the greedy update against one new centre is a single vector operation and stays NumPy.
+
 The output rows (id, path, score, why) carry no probability or predicted class: the
 annotators should label blind to the model.
 """
@@ -22,6 +27,7 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from .canonical import canonical_reducer
+from .neighbours import check_backend, exact_knn
 
 TO_LABEL_COLUMNS = ["id", "path", "score", "why"]
 
@@ -41,8 +47,25 @@ def embed_space(X_fit: np.ndarray, n_components: int, seed: int = 0) -> Pipeline
     return canonical_reducer(n, seed).fit(X_fit)
 
 
+def nearest_fixed_distance(Z: np.ndarray, Z_fixed: np.ndarray,
+                           backend: str = "sklearn") -> np.ndarray:
+    """Distance of each row of ``Z`` to its nearest row of ``Z_fixed`` (float64).
+
+    ``sklearn``: every pair in blocks of 2,048 fixed rows (the committed code). ``faiss``: a
+    1-NN search (triage.neighbours.exact_knn) whose distance is the same float64 sum, so
+    the same bits (sqrt is monotone and correctly rounded: sqrt of the min = min of sqrt)."""
+    if check_backend(backend) == "faiss":
+        return np.sqrt(exact_knn(Z, Z_fixed, 1, backend)[0][:, 0])
+    d = np.full(len(Z), np.inf)
+    for start in range(0, len(Z_fixed), 2048):
+        block = np.asarray(Z_fixed[start:start + 2048], dtype=np.float64)
+        d = np.minimum(d, np.sqrt(((Z[:, None, :] - block[None]) ** 2).sum(-1)).min(1))
+    return d
+
+
 def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,
-                   Z_fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   Z_fixed: np.ndarray | None = None, backend: str = "sklearn",
+                   d_fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Greedy (weighted) k-center: indices of ``k`` rows of ``Z`` and their distances.
 
     Each step picks ``argmax weight_i × d_i`` where ``d_i`` is the distance of row i to
@@ -52,6 +75,8 @@ def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,
     placeholder start values are not distances, and keeping them would cap every later
     ``d`` at ~1 and degenerate the selection to top-weight. Deterministic: ties go to the
     lowest index. Returns (indices, d at pick time; NaN for a cold-start first pick).
+    ``backend`` (``cluster.backend``) finds each row's nearest ``Z_fixed`` row
+    (:func:`nearest_fixed_distance`; ``d_fixed``: those distances, already computed).
     """
     Z = np.asarray(Z, dtype=np.float64)
     n = len(Z)
@@ -59,10 +84,8 @@ def kcenter_greedy(Z: np.ndarray, k: int, weights: np.ndarray | None = None,
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     has_fixed = Z_fixed is not None and len(Z_fixed) > 0
     if has_fixed:
-        d = np.full(n, np.inf)
-        for start in range(0, len(Z_fixed), 2048):
-            block = np.asarray(Z_fixed[start:start + 2048], dtype=np.float64)
-            d = np.minimum(d, np.sqrt(((Z[:, None, :] - block[None]) ** 2).sum(-1)).min(1))
+        d = (nearest_fixed_distance(Z, Z_fixed, backend) if d_fixed is None
+             else np.asarray(d_fixed, dtype=np.float64).copy())
     else:
         d = np.linalg.norm(Z - Z.mean(0), axis=1)
         d = d / max(d.max(), 1e-12) * 1e-6 + 1.0  # first pick: highest weight, ties far out
@@ -100,7 +123,7 @@ def select_batch(X_pool: np.ndarray, p_pool: np.ndarray, X_labeled: np.ndarray, 
                  batch_size: int, uncertainty_kind: str = "margin", diversity: str = "kcenter",
                  candidates: int = 300, pca_components: int = 32,
                  clusters: np.ndarray | None = None, seed: int = 0,
-                 space: Pipeline | None = None) -> pd.DataFrame:
+                 space: Pipeline | None = None, backend: str = "sklearn") -> pd.DataFrame:
     """Rank pool images for annotation.
 
     Returns one row per selected image, in selection order: ``index`` (row of
@@ -108,7 +131,8 @@ def select_batch(X_pool: np.ndarray, p_pool: np.ndarray, X_labeled: np.ndarray, 
     the PCA space, in units of the pool's median nearest-labelled distance; NaN for
     ``none``/``cluster``), ``cluster`` (or -1), ``score`` (the selection score: uncertainty
     × relative distance for kcenter, uncertainty otherwise). ``space``: a fitted
-    scaler+PCA (default: :func:`embed_space` on labelled + pool).
+    scaler+PCA (default: :func:`embed_space` on labelled + pool). ``backend``:
+    ``cluster.backend``, the library of the kcenter nearest-labelled search.
     """
     n = len(X_pool)
     if n == 0:
@@ -134,12 +158,17 @@ def select_batch(X_pool: np.ndarray, p_pool: np.ndarray, X_labeled: np.ndarray, 
         if candidates and candidates < n:
             cand = np.sort(np.lexsort((np.arange(n), -u))[:max(candidates, k)])
         # scale distances by the typical pool→labelled distance so the score is readable
+        ref = None
         if Z_lab is not None:
-            ref = np.sqrt(((Z[cand][:, None, :] - Z_lab[None]) ** 2).sum(-1)).min(1)
+            if check_backend(backend) == "sklearn":  # the committed code, its bits
+                ref = np.sqrt(((Z[cand][:, None, :] - Z_lab[None]) ** 2).sum(-1)).min(1)
+            else:  # the same distances, searched once and reused as k-center's start
+                ref = nearest_fixed_distance(Z[cand], Z_lab, backend)
             unit = float(np.median(ref)) or 1.0
         else:
             unit = 1.0
-        picked, d = kcenter_greedy(Z[cand], k, weights=u[cand], Z_fixed=Z_lab)
+        picked, d = kcenter_greedy(Z[cand], k, weights=u[cand], Z_fixed=Z_lab, backend=backend,
+                                   d_fixed=None if backend == "sklearn" else ref)
         idx = cand[picked]
         dist = d / unit
         score = u[idx] * np.nan_to_num(dist, nan=1.0)
@@ -180,8 +209,10 @@ def to_label_table(sel: pd.DataFrame, pool_rows: pd.DataFrame, u_all: np.ndarray
     return pd.DataFrame(rows, columns=TO_LABEL_COLUMNS)
 
 
-def batch_stats(Z_sel: np.ndarray, Z_pool: np.ndarray) -> dict:
-    """Redundancy of a batch: min/median pairwise distance vs the pool's median NN distance."""
+def batch_stats(Z_sel: np.ndarray, Z_pool: np.ndarray, backend: str = "sklearn") -> dict:
+    """Redundancy of a batch: min/median pairwise distance vs the pool's median NN distance
+    (``backend``: ``cluster.backend``, the nearest-other search; the batch's own pairwise
+    distances are all needed, a few hundred at most, and stay NumPy)."""
     out = {}
     if len(Z_sel) >= 2:
         D = np.sqrt(((Z_sel[:, None] - Z_sel[None]) ** 2).sum(-1))
@@ -190,14 +221,20 @@ def batch_stats(Z_sel: np.ndarray, Z_pool: np.ndarray) -> dict:
         out["median_pairwise_distance"] = float(np.median(D[iu]))
     sub = Z_pool[:: max(1, len(Z_pool) // 500)]
     if len(sub) >= 2:
-        out["pool_median_nn_distance"] = float(np.median(nearest_other_distance(sub)))
+        out["pool_median_nn_distance"] = float(np.median(nearest_other_distance(sub,
+                                                                                backend=backend)))
     return out
 
 
-def nearest_other_distance(Z: np.ndarray, block: int = 64) -> np.ndarray:
+def nearest_other_distance(Z: np.ndarray, block: int = 64, backend: str = "sklearn") -> np.ndarray:
     """Distance from each row to its nearest other row, in row blocks: the (n, n, d)
     difference array of one broadcast would be ~130 MB for 700 rows of 32 dimensions.
-    Each distance is the same sum over d as the broadcast's, so the same bits."""
+    Each distance is the same sum over d as the broadcast's, so the same bits. ``faiss``:
+    the 2-NN of the rows among themselves (triage.neighbours.exact_knn, leave one out),
+    the same float64 sums, so the same bits."""
+    if check_backend(backend) == "faiss" and len(Z) >= 2:
+        Z = np.asarray(Z, dtype=np.float64)
+        return np.sqrt(exact_knn(Z, Z, 1, backend, leave_one_out=True)[0][:, 0])
     nearest = np.empty(len(Z))
     for start in range(0, len(Z), block):
         D = np.sqrt(((Z[start:start + block, None] - Z[None]) ** 2).sum(-1))

@@ -33,7 +33,6 @@ import argparse
 import inspect
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,25 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from bench_machine import cpu
 
 from triage.checkout import require_own_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 128
-
-
-def cpu() -> tuple[str, bool]:
-    """lscpu's Model name and whether the CPU has AVX-512 (avx512f)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    model = fields.get("Model name", "unknown").strip()
-    flags = fields.get("Flags", "")
-    if not flags and Path("/proc/cpuinfo").is_file():
-        flags = Path("/proc/cpuinfo").read_text()
-    return model, " avx512f" in f" {flags}"
 
 
 def build_model(tmp: Path, pool: int, n_requests: int) -> dict:

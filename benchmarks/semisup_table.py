@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_machine import cpu
 from semisup_data import CACHE, DATASETS, embed_layers, leaked_test
 
 from triage.checkout import require_own_checkout
@@ -212,19 +212,6 @@ def kpi_cell(k: dict | None) -> str:
     return (f"{pct(k['set_aside'])} [{100 * k['set_aside_ci_low']:.1f}, "
             f"{100 * k['set_aside_ci_high']:.1f}] (sens. {f3(k['sensitivity'])}, "
             f"missed {k['missed']})")
-
-
-def cpu() -> tuple[str, bool]:
-    """CPU model (lscpu's Model name) and whether it has AVX-512 (avx512f flag)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                  if line.startswith("Model name")), platform.processor() or platform.machine())
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text() if info.is_file() else ""
-    return model, " avx512f" in flags
 
 
 def what_changed(metas: dict, old: dict, results: list[dict], params: dict) -> list[str]:

@@ -35,6 +35,7 @@ import pandas as pd
 from triage.checkout import require_own_checkout
 from triage.embed import Embedder
 from triage.models import make_classifier
+from triage.params import load_params
 from triage.select import select_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +47,14 @@ STRATEGIES = ("random", "margin", "margin+kcenter")
 
 def embed_paths(paths, image_size: int, key: str) -> np.ndarray:
     CACHE.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(("\n".join(map(str, paths)) + f"|{image_size}").encode()).hexdigest()[:12]
+    layers = load_params(ROOT / "params.yaml")["embed"]["layers"]  # the pipeline's features
+    digest = hashlib.sha256(("\n".join(map(str, paths)) + f"|{image_size}|{layers}").encode()
+                            ).hexdigest()[:12]
     cached = CACHE / f"{key}_{digest}.npy"
     if cached.is_file():
         return np.load(cached)
     emb = Embedder("random", seed=42, image_size=image_size, batch_size=64, num_workers=2,
-                   device="auto").fit()
+                   device="auto", layers=layers).fit()
     X = emb.transform([str(p) for p in paths])
     np.save(cached, X)
     return X

@@ -136,3 +136,13 @@ def test_params_rule(value, message):
 @pytest.mark.parametrize("value", ["auto", "final", ["layer2"], ["layer1", "layer2"]])
 def test_params_rule_accepts(value):
     check("embed.layers", value)
+
+
+def test_a_transformer_stage_pools_its_tokens_and_an_untraceable_model_is_refused(images):
+    vit = Embedder("random", backbone="vit_b_16", image_size=224, batch_size=4, device="cpu",
+                   layers=["encoder.layers.encoder_layer_0"]).fit()
+    assert vit.feature_dim_ == 2 * 768  # (N, tokens, 768): mean and max over the tokens
+    assert vit.transform(images[:2]).shape == (2, 1536)
+    with pytest.raises(ParamsError, match=r"embed.layers.*cannot be cut.*embed.layers: final"):
+        Embedder("random", backbone="timm:test_vit", image_size=160, device="cpu",
+                 layers=["blocks.0"]).fit()

@@ -470,7 +470,13 @@ def pooled_layers(model, names: tuple[str, ...], backbone: str = DEFAULT_BACKBON
     import torch
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    nodes = get_graph_node_names(model)[1]
+    try:
+        nodes = get_graph_node_names(model)[1]
+    except Exception as exc:  # noqa: BLE001 - a model torch.fx cannot trace
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ParamsError(f"params: 'embed.layers' {backbone} cannot be cut at named modules "
+                          f"(torch.fx: {type(exc).__name__}: {first}); use embed.layers: "
+                          f"final") from None
     # a module's name taps its last operation (torchvision's rule for return_nodes)
     unknown = [n for n in names if n not in nodes and not any(m.startswith(n + ".") for m in nodes)]
     if unknown:

@@ -45,14 +45,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError
 from .io import atomic_path, path_text
-from .prepare import (
-    MANIFEST_SCHEMA,
-    _check_ragged,
-    annotated_with_test_patient,
-    check_labeled_counts,
-    merge_annotations,
-    stratified_test_split,
-)
+from .prepare import MANIFEST_SCHEMA, _check_ragged, finish_manifest
 from .qc_cache import ID_SOURCE, ID_SOURCE_KEY
 
 __all__ = ["ID_SOURCE", "ID_SOURCE_KEY", "build", "build_archive_manifest", "find_manifest"]
@@ -226,29 +219,8 @@ def build_archive_manifest(root: str | Path, positive_class: str, test_fraction:
         raise DataError(f"{source}: no rows")
     df, classes = validate_rows(tab, where, root, positive_class)
     test_source = "folder" if df["split"].eq("test").any() else "split"
-    if test_source == "split":
-        labeled = df["split"] == "labeled"
-        pool_patients = df.loc[df["split"] == "unlabeled", "patient"].dropna()
-        mask = stratified_test_split(df.loc[labeled, "label"], test_fraction, seed,
-                                     groups=df.loc[labeled, "patient"], blocked=set(pool_patients))
-        df.loc[df.index[labeled][mask], "split"] = "test"
-    n_annotated = n_already = n_ann_test_patient = 0
-    if annotations is not None and Path(annotations).is_file():
-        before = df["split"].copy()
-        df, n_annotated, n_already = merge_annotations(df, annotations, classes, root)
-        n_ann_test_patient = annotated_with_test_patient(df, before)
-    check_labeled_counts(df, classes, min_per_class, min_per_class_why)
-    order = {s: i for i, s in enumerate(SPLITS)}
-    df = df.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
-    df = df.reset_index(drop=True)
-    for col in ("width", "height", "bytes"):
-        df[col] = df[col].astype("Int64")
-    info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": 0,
-            "negative_class": next(c for c in classes if c != positive_class),
-            "n_annotated": n_annotated, "n_annotations_already_labeled": n_already,
-            "n_annotated_test_patient": n_ann_test_patient, "n_dicom": 0,
-            "n_patients": int(df["patient"].nunique())}
-    return df, info
+    return finish_manifest(df, classes, positive_class, test_source, test_fraction, seed, root,
+                           annotations, min_per_class, min_per_class_why)
 
 
 # --------------------------------------------------------------------------- build (CLI)

@@ -394,7 +394,6 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
             rows.append({**row, "split": "unlabeled", "label": None})
 
     test_dir = root / "test"
-    labeled_df = None
     if test_dir.is_dir():
         test_rows, h, test_dicom = _scan_classes(test_dir, "test", root, links_outside_root, skip,
                                                  map_fn)
@@ -417,15 +416,28 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     df["patient"] = df["patient"].astype(object)
     if patients is not None and Path(patients).is_file():
         df = apply_patients(df, patients, root, dicom_rows=range(len(df) - n_deid, len(df)))
-    if test_source == "split":
-        labeled_df = df["split"] == "labeled"
-        pool_patients = df.loc[df["split"] == "unlabeled", "patient"].dropna()
-        mask = stratified_test_split(df.loc[labeled_df, "label"], test_fraction, seed,
-                                     groups=df.loc[labeled_df, "patient"],
-                                     blocked=set(pool_patients))
-        df.loc[df.index[labeled_df][mask], "split"] = "test"
     if df.empty:
         raise DataError(f"no images found under {root}")
+    return finish_manifest(df, classes, positive_class, test_source, test_fraction, seed, root,
+                           annotations, min_per_class, min_per_class_why,
+                           n_hidden=hidden, n_dicom=n_deid)
+
+
+def finish_manifest(df: pd.DataFrame, classes: list[str], positive_class: str, test_source: str,
+                    test_fraction: float, seed: int, root: Path,
+                    annotations: str | Path | None, min_per_class: int, min_per_class_why: str,
+                    *, n_hidden: int = 0, n_dicom: int = 0) -> tuple[pd.DataFrame, dict]:
+    """The rules every source shares once its rows are known (folder scan or archive
+    manifest): the seeded test split (``test_source == "split"``; patients kept together,
+    never beside a pool patient), the annotations, the per-class minimum, the row order
+    and the info dict."""
+    if test_source == "split":
+        labeled = df["split"] == "labeled"
+        pool_patients = df.loc[df["split"] == "unlabeled", "patient"].dropna()
+        mask = stratified_test_split(df.loc[labeled, "label"], test_fraction, seed,
+                                     groups=df.loc[labeled, "patient"],
+                                     blocked=set(pool_patients))
+        df.loc[df.index[labeled][mask], "split"] = "test"
     n_annotated = n_already = n_ann_test_patient = 0
     if annotations is not None and Path(annotations).is_file():
         before = df["split"].copy()
@@ -437,10 +449,10 @@ def build_manifest(root: str | Path, positive_class: str, test_fraction: float, 
     df = df.reset_index(drop=True)
     for col in ("width", "height", "bytes"):
         df[col] = df[col].astype("Int64")
-    info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": hidden,
+    info = {"classes": classes, "test_source": test_source, "n_hidden_ignored": n_hidden,
             "negative_class": next(c for c in classes if c != positive_class),
             "n_annotated": n_annotated, "n_annotations_already_labeled": n_already,
-            "n_annotated_test_patient": n_ann_test_patient, "n_dicom": n_deid,
+            "n_annotated_test_patient": n_ann_test_patient, "n_dicom": n_dicom,
             "n_patients": int(df["patient"].nunique())}
     return df, info
 

@@ -7,7 +7,7 @@
    with the folder as dep: cold = md5 of every file + a state-database row each; warm =
    the state database's stat check) and prepare's folder scan (read + sha256 + header of
    every file, ``triage.prepare.build_manifest``).
-2. **+1 % images**: a temp git repo of this project (tests/helpers.make_repo: the tiny test
+2. **+1 % images**: a temp git repo of this project (triage.testing.make_repo: the tiny test
    params, 64-px embedding) on M images (default 3,000), ``data.source: archive`` with
    ``embed.store: partitioned``, and the same images in folder mode: ``dvc repro`` of
    prepare, qc and embed one stage at a time (seconds each), then 1 % more images and the
@@ -34,13 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from triage import archive
+from triage.testing import blob_image, e2e_env, make_repo, run, set_params
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from helpers import e2e_env, make_repo, run, set_params  # noqa: E402
-from imagefactory import blob_image  # noqa: E402
-
-from triage import archive  # noqa: E402
 
 
 def cpu() -> str:
@@ -139,7 +136,7 @@ def repro_stages(repo: Path, env: dict, force: bool = False) -> dict:
 
 
 def part2(work: Path, n: int, mode: str, env: dict) -> dict:
-    repo = make_repo(work / mode, env)
+    repo = make_repo(work / mode, env, ROOT)
     n_add = max(1, n // 100)
     set_params(repo, {"embed.num_workers": 0, "qc.workers": 1})
     if mode == "archive":

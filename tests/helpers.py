@@ -10,10 +10,7 @@ The reproduced TINY pipeline itself is a session fixture (conftest.py: ``tiny_pi
 one `dvc repro` shared by the end-to-end tests, which work on copies of it.
 """
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,65 +19,16 @@ from imagefactory import blob_image
 
 from triage.embed import Embedder
 from triage.models import make_classifier, save_model
+from triage.testing import TINY, e2e_env, run, set_params  # noqa: F401 - re-exported
+from triage.testing import make_repo as _make_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # inference fixtures embed at this side
 
 
-TINY = {
-    "data.demo.n_labeled": 24, "data.demo.n_unlabeled": 80, "data.demo.n_test": 30,
-    "data.demo.image_size": 64, "embed.image_size": 64, "embed.batch_size": 32,
-    "cluster.k": 4, "cluster.pca_components": 8, "pseudo.min_support": 2,
-    "evaluate.n_bootstrap": 200, "train.cv_folds": 3,
-    "crossval.folds": 3, "crossval.repeats": 1,
-}
-
-
-def e2e_env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", TQDM_DISABLE="1")
-    env.pop("DVCLIVE_TEST", None)  # the stages must log for real
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
-
-
-def set_params(repo: Path, updates: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in updates.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def make_repo(tmp: Path, env: dict) -> Path:
-    """Copy the project's source files (what a clone has, minus results) into a new git repo."""
-    repo = tmp / "repo"
-    listed = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).stdout.split("\n")
-    for rel in filter(None, listed):
-        if rel == "dvc.lock" or rel.startswith(("metrics/", "data/demo/", "tests/")):
-            continue
-        src = ROOT / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    set_params(repo, TINY)
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "base"], repo, env)  # DVCLive needs a commit
-    return repo
+    """This checkout's sources in a new git repo with TINY params (triage.testing.make_repo)."""
+    return _make_repo(tmp, env, ROOT)
 
 
 def write_params(path: Path, model: Path, **overrides) -> Path:

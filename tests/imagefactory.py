@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from triage.testing import blob_image  # noqa: F401 - re-exported
+
 
 def _prep(path) -> Path:
     path = Path(path)
@@ -182,20 +184,6 @@ def make_layout(root, n_labeled=None, n_unlabeled: int = 4, n_test=None,
             out["test"][cls] = [writer(d / f"t_{cls}_{i:03d}{ext}", size=size, seed=nxt())
                                 for i in range(n)]
     return out
-
-
-def blob_image(path, cancer: bool, seed: int, size: int = 48) -> Path:
-    """Texture, plus a bright disc for 'cancer': separable even by random features."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(90, 20, (size, size))
-    if cancer:
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-        a[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2] += 110
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
-    return path
 
 
 def copy_file(src, dst) -> Path:

@@ -4,7 +4,7 @@ the same embedder, and the params rule. Small images and random weights: seconds
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from imagefactory import write_png
 
 from triage.backbone import AUTO_RANDOM_LAYERS, build_backbone, fuse_batchnorm
 from triage.embed import Embedder, start_onednn
@@ -23,13 +23,7 @@ def canonical_kernels():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("img")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(4):
-        p = folder / f"im{i}.png"
-        Image.fromarray((rng.random((70, 60)) * 255).astype(np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+    return [str(write_png(folder / f"im{i}.png", size=(70, 60), seed=i)) for i in range(4)]
 
 
 def embedder(layers, weights="random", backbone="resnet18", **kw):
